@@ -1,0 +1,3 @@
+from automodel.cli import main
+
+raise SystemExit(main())
