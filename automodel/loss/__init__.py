@@ -1,0 +1,3 @@
+from automodel.loss.masked_ce import MaskedCrossEntropy
+
+__all__ = ["MaskedCrossEntropy"]
