@@ -1,0 +1,256 @@
+"""The ``automodel`` command.
+
+    automodel finetune vlm -c CFG.yaml [--a.b=v | --a.b v | ~a.b ...]
+    automodel CFG.yaml [overrides ...]                 (short form of the above)
+    automodel validate -c CFG.yaml [overrides ...]
+    automodel models make-tiny FAMILY OUT_DIR [--seed N]
+    automodel data make-receipts OUT_DIR [--n N] [--seed N]
+    automodel generate --model DIR --image IMG --prompt TEXT
+
+Bad input (a missing file, an unknown key, a wrong type) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from automodel.errors import UsageError
+
+USAGE_ERROR = 2
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "vlm" / "quickstart.yaml"
+
+CONFIG_HELP = """\
+usage: automodel {command} -c CONFIG.yaml [overrides ...]
+
+{what}
+
+options:
+  -c, --config CONFIG.yaml   the run's YAML ({default})
+  -h, --help                 show this help
+
+overrides (applied in order, values parsed as YAML):
+  --section.key=value        set a key
+  --section.key value        the same
+  ~section.key               delete a key
+
+example:
+  automodel {command} -c examples/vlm/quickstart.yaml --step_scheduler.max_steps 20
+"""
+
+
+def _config_help(command: str, what: str, default: str) -> str:
+    return CONFIG_HELP.format(command=command, what=what, default=default)
+
+
+def _split_config_args(args: list[str], default: Path | None) -> tuple[Path, list[str], int]:
+    """Separates ``-c CONFIG`` and ``--nproc-per-node N`` from the overrides."""
+    config, nproc, rest = None, 1, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "--config", "--nproc-per-node"):
+            if i + 1 >= len(args):
+                raise UsageError(f"{arg} needs a value")
+            value = args[i + 1]
+            i += 2
+        elif arg.startswith(("--config=", "--nproc-per-node=")):
+            arg, value = arg.split("=", 1)
+            i += 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if arg == "--nproc-per-node":
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--nproc-per-node {value}: give a positive integer")
+            nproc = int(value)
+        else:
+            config = Path(value)
+    if config is None:
+        if default is None:
+            raise UsageError("no config given: pass -c CONFIG.yaml")
+        config = default
+    return config, rest, nproc
+
+
+def _load(config: Path, rest: list[str]) -> dict:
+    from automodel.config.loader import load_config, parse_overrides
+
+    return load_config(config, parse_overrides(rest))
+
+
+def cmd_finetune(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: automodel finetune vlm -c CONFIG.yaml [overrides ...]\n\nrecipes: vlm")
+        return 0
+    if args[0] != "vlm":
+        raise UsageError(
+            f"unknown recipe {args[0]!r}: the recipe is 'vlm' (automodel finetune vlm -c ...)"
+        )
+    args = args[1:]
+    if "-h" in args or "--help" in args:
+        print(
+            _config_help(
+                "finetune vlm", "Fine-tune a vision-language model.", f"default: {QUICKSTART.name}"
+            )
+        )
+        return 0
+    config, rest, nproc = _split_config_args(args, QUICKSTART)
+    if nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "more than one process is not available in this version: use --nproc-per-node 1"
+        )
+    cfg = _load(config, rest)
+    _quiet_libraries()
+    from automodel.recipes.vlm.finetune import run
+
+    run(cfg)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Turns off per-file progress bars and known-harmless warnings of the libraries we drive."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    # torchdata 0.11 warns about its own internal call on every DataLoader iterator.
+    warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+
+
+def cmd_validate(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print(
+            _config_help(
+                "validate", "Resolve every _target_ and key of a config; no training.", "required"
+            )
+        )
+        return 0
+    config, rest, _ = _split_config_args(args, None)
+    from automodel.config.loader import dump_yaml
+    from automodel.recipes.vlm.finetune import resolve_config
+
+    resolved, notices = resolve_config(_load(config, rest))
+    print(dump_yaml(resolved), end="")
+    for notice in notices:
+        print(notice)
+    print(f"{config}: ok")
+    return 0
+
+
+def cmd_models(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="automodel models", description="Model utilities.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="write a tiny randomly initialised twin of a real VLM family",
+        description="Write a tiny, randomly initialised model of a real transformers VLM class, "
+        "with a locally trained tokenizer and the family's processor, as a Hugging Face folder.",
+    )
+    tiny.add_argument("family", help="model family, e.g. gemma3")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    from automodel.models.tiny import make_tiny
+
+    out = make_tiny(ns.family, ns.out_dir, seed=ns.seed)
+    print(out)
+    return 0
+
+
+def cmd_data(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="automodel data", description="Data utilities.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    receipts = sub.add_parser(
+        "make-receipts",
+        help="write synthetic receipts in CORD-v2's schema",
+        description="Write deterministic synthetic receipts in CORD-v2's schema "
+        "(train, validation and test parquet splits).",
+    )
+    receipts.add_argument("out_dir", type=Path)
+    receipts.add_argument("--n", type=int, default=1000, help="training receipts (default 1000)")
+    receipts.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    from automodel.datasets.vlm.receipts import make_receipts
+
+    print(make_receipts(ns.out_dir, n=ns.n, seed=ns.seed))
+    return 0
+
+
+def cmd_generate(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="automodel generate", description="Print a model's reply to an image and a prompt."
+    )
+    parser.add_argument("--model", required=True, type=Path, help="a Hugging Face model folder")
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    ns = parser.parse_args(args)
+    if not ns.image.is_file():
+        raise UsageError(f"image not found: {ns.image}")
+    from PIL import Image
+
+    from automodel.generation import generate_reply
+    from automodel.models.auto import AutoModelForImageTextToText, load_processor
+
+    try:
+        image = Image.open(ns.image).convert("RGB")
+    except OSError as e:
+        raise UsageError(f"cannot read image {ns.image}: {e}") from None
+    model = AutoModelForImageTextToText.from_pretrained(str(ns.model))
+    processor = load_processor(str(ns.model))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": ns.prompt}],
+        }
+    ]
+    print(generate_reply(model, processor, messages, ns.max_new_tokens))
+    return 0
+
+
+COMMANDS = {
+    "finetune": (cmd_finetune, "fine-tune a model (finetune vlm -c CONFIG.yaml)"),
+    "validate": (cmd_validate, "check a config without training"),
+    "models": (cmd_models, "model utilities (make-tiny)"),
+    "data": (cmd_data, "data utilities (make-receipts)"),
+    "generate": (cmd_generate, "reply to an image and a prompt with a trained model"),
+}
+
+
+def _main_help() -> str:
+    lines = [
+        "usage: automodel COMMAND [args ...]",
+        "       automodel CONFIG.yaml [overrides ...]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run 'automodel COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_main_help())
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        if command.endswith((".yaml", ".yml")):
+            return cmd_finetune(["vlm", "-c", command, *rest])
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+        return COMMANDS[command][0](rest)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
