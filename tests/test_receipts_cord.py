@@ -227,3 +227,11 @@ def test_receipt_knobs_are_checked(tmp_path: Path) -> None:
     assert all(
         len(json.loads(r["ground_truth"])["gt_parse"]["menu"]) == 1 for r in _rows(small, "train")
     )
+
+
+def test_two_folders_with_the_same_name_load_their_own_rows(tmp_path):
+    """load_dataset(folder) caches by folder name; two 'receipts' folders must not collide."""
+    small = make_receipts(tmp_path / "a" / "receipts", n=8, val_n=8, test_n=8)
+    large = make_receipts(tmp_path / "b" / "receipts", n=12, val_n=8, test_n=8)
+    assert len(make_cord_v2_dataset(str(small), split="train")) == 8
+    assert len(make_cord_v2_dataset(str(large), split="train")) == 12

@@ -275,7 +275,7 @@ def _load_split(
             )
     source = f"CORD-v2 dataset {path!r}, split {split!r}"
     try:
-        rows = datasets.load_dataset(path, split=split)
+        rows = _load_rows(path, split, local)
     except ValueError as exc:
         if "Unknown split" not in str(exc):
             raise _load_error(path, local, exc) from exc
@@ -289,6 +289,22 @@ def _load_split(
     if not isinstance(rows, datasets.Dataset):
         raise UsageError(f"{source} did not load as one table; name a single split.")
     return rows, source
+
+
+def _load_rows(path: str, split: str, local: bool) -> datasets.Dataset:
+    """``load_dataset`` for a hub id; for a folder, its packaged builder with absolute file paths.
+
+    ``load_dataset(folder)`` keys its Arrow cache on the folder's name and its README config,
+    not on the files: two different folders both named ``receipts`` would share one cache entry
+    and the second would silently load the first one's rows. Resolving the folder's data files
+    first and loading them through the file-type builder (parquet, json ...) keys the cache on
+    the files themselves.
+    """
+    if not local:
+        return datasets.load_dataset(path, split=split)
+    builder = datasets.load_dataset_builder(path)
+    files = dict(builder.config.data_files or {})
+    return datasets.load_dataset(builder.name, data_files=files, split=split)
 
 
 def _load_error(path: str, local: bool, exc: BaseException) -> UsageError:
