@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny Gemma 3 twin and synthetic receipts, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from automodel.models.tiny import make_tiny
+
+    return make_tiny("gemma3", tmp_path_factory.mktemp("models") / "tiny-gemma3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def receipts(tmp_path_factory) -> Path:
+    from automodel.datasets.vlm import make_receipts
+
+    return make_receipts(tmp_path_factory.mktemp("data") / "receipts", n=16, val_n=8, test_n=8)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Runs ``python -m automodel ARGS`` in a fresh process; returns the CompletedProcess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "automodel", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs a Python snippet in a fresh process (nothing shared with the test's memory)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
