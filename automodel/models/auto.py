@@ -13,14 +13,11 @@ import torch
 import transformers
 
 from automodel.errors import UsageError
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).exists() or name.count("/") > 1
+from automodel.paths import is_local_path
 
 
 def _check_source(name: str, what: str, key: str) -> None:
-    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+    if is_local_path(name) and not Path(name).expanduser().is_dir():
         raise UsageError(
             f"{what} folder not found: {name} (set {key} to a Hugging Face folder or a hub id)"
         )

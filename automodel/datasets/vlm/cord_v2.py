@@ -20,6 +20,7 @@ import torch.utils.data
 from PIL import Image
 
 from automodel.errors import UsageError
+from automodel.paths import is_local_path
 
 HUB_ID = "naver-clova-ix/cord-v2"
 
@@ -237,14 +238,6 @@ def make_cord_v2_dataset(
     return CordV2Dataset(rows, prompt, target_format, image_size, source)
 
 
-def _is_local(path: str) -> bool:
-    """True when ``path`` names a local folder rather than a hub id like ``org/name``."""
-    if os.path.exists(path):
-        return True
-    # Hub ids are "name" or "org/name"; anything path-shaped beyond that is meant as a folder.
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-
-
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:300]}"
@@ -265,7 +258,7 @@ def _load_split(
         return path_or_dataset[split], f"the given CORD-v2 dataset, split {split!r}"
 
     path = os.fspath(path_or_dataset)
-    local = _is_local(path)
+    local = is_local_path(path)
     if local:
         path = os.path.expanduser(path)
         if not os.path.isdir(path):
