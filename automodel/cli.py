@@ -6,6 +6,7 @@
     automodel models make-tiny FAMILY OUT_DIR [--seed N]
     automodel data make-receipts OUT_DIR [--n N] [--seed N]
     automodel generate --model DIR --image IMG --prompt TEXT
+    automodel export merge-lora --base B --adapter A --out O
 
 Bad input (a missing file, an unknown key, a wrong type) prints one line and exits with code 2.
 """
@@ -215,12 +216,32 @@ def cmd_generate(args: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="automodel export", description="Export utilities.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    merge = sub.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter into its base model",
+        description="Load a base model, apply a PEFT LoRA adapter, merge it into the weights and "
+        "write an ordinary Hugging Face folder with the processor and chat template.",
+    )
+    merge.add_argument("--base", required=True, help="base model folder or hub id")
+    merge.add_argument("--adapter", required=True, type=Path, help="PEFT adapter folder")
+    merge.add_argument("--out", required=True, type=Path, help="where to write the merged model")
+    ns = parser.parse_args(args)
+    from automodel.peft.export import merge_lora
+
+    print(merge_lora(ns.base, ns.adapter, ns.out))
+    return 0
+
+
 COMMANDS = {
     "finetune": (cmd_finetune, "fine-tune a model (finetune vlm -c CONFIG.yaml)"),
     "validate": (cmd_validate, "check a config without training"),
     "models": (cmd_models, "model utilities (make-tiny)"),
     "data": (cmd_data, "data utilities (make-receipts)"),
     "generate": (cmd_generate, "reply to an image and a prompt with a trained model"),
+    "export": (cmd_export, "export utilities (merge-lora)"),
 }
 
 

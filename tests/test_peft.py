@@ -1,0 +1,134 @@
+"""LoRA through PEFT: default targets, patterns, saving, merging, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from automodel.errors import UsageError
+from automodel.peft import LoraConfig, apply_lora, merge
+from automodel.peft.lora import resolve_target_modules
+from tests.conftest import run_cli, run_python
+
+
+@pytest.fixture()
+def model(tiny_gemma3):
+    return AutoModelForImageTextToText.from_pretrained(tiny_gemma3)
+
+
+def _vision_or_head(name: str) -> bool:
+    return any(k in name for k in ("vision_tower", "multi_modal_projector", "lm_head"))
+
+
+def test_default_targets_only_language_model_linears(model):
+    names = resolve_target_modules(model, LoraConfig())
+    assert names and not any(_vision_or_head(n) for n in names)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(names) == 7 * layers  # q, k, v, o, gate, up, down per decoder layer
+    # The trap the default avoids: a bare q_proj pattern also reaches the SigLIP tower.
+    bare = resolve_target_modules(model, LoraConfig(target_modules=["*q_proj"]))
+    assert any("vision_tower" in n for n in bare)
+
+
+def test_patterns_regex_exclude_and_errors(model):
+    regex = r".*language_model.*\.(q_proj|v_proj)"
+    names = resolve_target_modules(model, LoraConfig(target_modules=regex))
+    assert names and all(n.endswith(("q_proj", "v_proj")) and "language_model" in n for n in names)
+    names = resolve_target_modules(model, LoraConfig(exclude_modules=["*.mlp.*"]))
+    assert names and not any(".mlp." in n for n in names)
+    everything = resolve_target_modules(model, LoraConfig(match_all_linear=True))
+    assert not any(_vision_or_head(n) for n in everything)
+    with pytest.raises(UsageError, match="matches no linear layer"):
+        resolve_target_modules(model, LoraConfig(target_modules=["*nothing*"]))
+    assert LoraConfig(dim=4).r == 4
+
+
+def test_only_adapters_train(model):
+    peft_model = apply_lora(model, LoraConfig(r=4))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_qlora_needs_cuda(model):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        apply_lora(model, LoraConfig(qlora=True))
+
+
+def _randomise_adapters(peft_model, seed=0):
+    # LoRA's B starts at zero, which would make merged == base trivially: give it weight.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_merge_lora_export_matches_adapter_logits(model, tiny_gemma3, tmp_path):
+    from transformers import AutoProcessor
+
+    from automodel.training.checkpoint import save_hf_folder
+
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    _randomise_adapters(peft_model)
+    processor = AutoProcessor.from_pretrained(tiny_gemma3)
+    adapter = save_hf_folder(peft_model, processor, tmp_path / "adapter")
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+    ids = torch.tensor([[2, 4, 30, 31, 32, 33, 5]])
+    with torch.no_grad():
+        adapter_logits = peft_model(input_ids=ids).logits
+
+    out = tmp_path / "merged"
+    result = run_cli(
+        "export", "merge-lora", "--base", tiny_gemma3, "--adapter", adapter, "--out", out
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("model.safetensors", "config.json", "chat_template.jinja", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4, rtol=0)
+    # The merge changed the weights (the adapters were not zero).
+    base_logits = AutoModelForImageTextToText.from_pretrained(tiny_gemma3)(input_ids=ids).logits
+    assert not torch.allclose(base_logits, merged_logits, atol=1e-3)
+
+    # PEFT's own loader restores the adapter in a fresh process from the saved folder.
+    code = f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+base = AutoModelForImageTextToText.from_pretrained({str(tiny_gemma3)!r})
+model = PeftModel.from_pretrained(base, {str(adapter)!r})
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor({ids.tolist()})).logits
+torch.save(logits, {str(tmp_path / "fresh.pt")!r})
+"""
+    fresh = run_python(code)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert torch.allclose(torch.load(tmp_path / "fresh.pt"), adapter_logits, atol=1e-6)
+
+
+def test_merge_in_place_returns_plain_model(model):
+    peft_model = apply_lora(model, LoraConfig(r=2))
+    merged = merge(peft_model)
+    assert type(merged).__name__ == "Gemma3ForConditionalGeneration"
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_merge_lora_rejects_a_non_adapter_folder(tiny_gemma3, tmp_path):
+    result = run_cli(
+        "export",
+        "merge-lora",
+        "--base",
+        tiny_gemma3,
+        "--adapter",
+        tmp_path,
+        "--out",
+        tmp_path / "o",
+    )
+    assert result.returncode == 2 and "not a PEFT adapter folder" in result.stderr
