@@ -1,0 +1,1 @@
+"""Running on several processes: process groups, meshes, sharding, launching torchrun."""
