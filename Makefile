@@ -14,6 +14,7 @@ demo:
 	@venv=$$(scripts/env.sh) && "$$venv/bin/automodel" finetune vlm -c examples/vlm/quickstart.yaml $(ARGS)
 
 test:
+	@scripts/ensure_chromium.sh
 	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q $(ARGS)
 
 test-slow:
