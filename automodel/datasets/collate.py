@@ -1,33 +1,86 @@
 """Turns conversation samples into a model batch with answer-only labels.
 
-Labels come from the chat template itself: the template wraps every assistant reply and its
-end-of-turn token in ``{% generation %}``, and ``apply_chat_template(...,
-return_assistant_tokens_mask=True)`` marks exactly those tokens. Everything else (system,
-prompt, image and padding tokens) is ``-100``. There is no per-family string matching.
+Labels cover exactly the assistant replies and their end-of-turn token; everything else
+(system, prompt, image and padding tokens) is ``-100``. There is no per-family string matching;
+the processor's capabilities choose one of three renderings:
 
-Over-length samples are never cut through their image tokens: a row longer than ``max_length``
-is truncated only when all its image tokens and at least one label token survive; otherwise the
-sample is dropped from the batch and the reason travels with the batch (``batch["dropped"]``) so
-the training loop can log and count it.
+- a chat template with ``{% generation %}`` blocks (every tiny twin's): ``apply_chat_template(...,
+  return_assistant_tokens_mask=True)`` marks the reply tokens;
+- a chat template without them (most hub checkpoints): the conversation is rendered prefix by
+  prefix (``conversation[:i]`` with the generation prompt, then ``conversation[:i+1]``), the
+  difference is the reply's character span, and the processor's offset mapping turns spans into
+  tokens exactly as transformers does for ``{% generation %}`` spans;
+- no chat template but a ``suffix=`` argument (PaliGemma, a prefix-LM): the user turn is the
+  prefix, the reply the suffix; the processor builds ``token_type_ids`` and the labels. A prefix-LM
+  sample holds one user turn (optionally after a system turn) and one reply: a multi-turn sample
+  is dropped with that reason, because folding earlier replies into the prefix would silently
+  stop training on them.
+
+Samples that would break the model or the loss are dropped from the batch with a reason
+(``batch["dropped"]``, printed and counted by the training loop): no reply or an empty reply, an
+image inside an assistant or system turn, text that spells one of the tokenizer's special tokens
+(``<image>`` typed in a prompt would otherwise become an image placeholder without features).
+
+The vision-token budget: a row longer than ``max_length`` is cut only when all its image tokens
+and at least one label token survive. Otherwise, when the image processor takes ``max_pixels``
+(dynamic resolution: Qwen2-VL, Qwen2.5-VL) the sample's images are shrunk until it fits; when it
+still does not fit (or the family has a fixed number of tokens per image), ``on_overlength``
+decides: ``drop`` (default) or ``error``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import math
+import re
 from typing import Any
 
 import torch
+from PIL import Image
 
+from automodel.errors import UsageError
 from automodel.loss.masked_ce import IGNORE_INDEX
 
+logger = logging.getLogger(__name__)
+
+OVERLENGTH_POLICIES = ("drop", "error")
+
 # Keys whose second dimension is the sequence: truncated together with input_ids.
-_SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "assistant_masks", "labels")
+_SEQUENCE_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "assistant_masks",
+    "labels",
+)
+
+# Processor / tokenizer attributes naming tokens that belong to an image (placeholders and the
+# markers around them): never labelled, never truncated away.
+_IMAGE_TOKEN_ATTRS = (
+    "image_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "image_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "fake_image_token_id",
+    "global_image_token_id",
+)
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+# Attempts at shrinking an over-length sample's images before the policy applies.
+_RESIZE_ATTEMPTS = 3
 
 
 def image_token_ids(processor) -> list[int]:
     """Ids of the tokens that stand for image features (never labelled, never truncated)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     ids = []
-    for attr in ("image_token_id", "boi_token_id", "eoi_token_id", "image_token_index"):
+    for attr in _IMAGE_TOKEN_ATTRS:
         value = getattr(processor, attr, None)
         if value is None:
             value = getattr(tokenizer, attr, None)
@@ -36,8 +89,144 @@ def image_token_ids(processor) -> list[int]:
     return sorted(set(ids))
 
 
-def render_batch(conversations: list[list[dict]], processor) -> dict[str, torch.Tensor]:
-    """Applies the chat template to a list of conversations and builds labels."""
+# ------------------------------------------------------------------------------ capabilities
+def _chat_template(processor) -> str | None:
+    template = getattr(processor, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template or None
+
+
+def has_generation_markers(processor) -> bool:
+    """True when the processor's chat template marks replies with ``{% generation %}``."""
+    template = _chat_template(processor)
+    return bool(template and _GENERATION_TAG.search(template))
+
+
+def is_prefix_lm(processor) -> bool:
+    """True for prefix-LM processors (PaliGemma): no chat template, a ``suffix=`` argument."""
+    if _chat_template(processor) is not None:
+        return False
+    return "suffix" in inspect.signature(type(processor).__call__).parameters
+
+
+def resizes_by_max_pixels(processor) -> bool:
+    """True when the image processor sizes images by ``max_pixels`` (dynamic resolution)."""
+    image_processor = getattr(processor, "image_processor", None)
+    valid = getattr(type(image_processor), "valid_kwargs", None)
+    return "max_pixels" in getattr(valid, "__annotations__", {})
+
+
+def _max_pixels(processor) -> int:
+    image_processor = processor.image_processor
+    value = getattr(image_processor, "max_pixels", None)
+    if value is None:
+        value = image_processor.size["longest_edge"]
+    return int(value)
+
+
+@functools.lru_cache(maxsize=16)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern | None:
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+def _special_tokens(processor) -> tuple[str, ...]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return tuple(sorted(s for s in specials if s))
+
+
+# ------------------------------------------------------------------------------ samples
+def _normalize(conversation: list[dict]) -> list[dict]:
+    """Content as a list of parts (some templates index ``content[0]``), images loaded."""
+    from transformers.image_utils import load_image
+
+    messages = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = []
+        for part in content or []:
+            if part.get("type") == "image" or "image" in part:
+                image = part.get("image", part.get("url", part.get("path")))
+                if image is not None and not isinstance(image, Image.Image):
+                    image = load_image(image)
+                part = {"type": "image", "image": image}
+            parts.append(part)
+        messages.append({"role": message["role"], "content": parts})
+    return messages
+
+
+def _text(message: dict) -> str:
+    return "".join(p.get("text", "") for p in message["content"] if p.get("type") == "text")
+
+
+def _images(conversation: list[dict]) -> list[Image.Image]:
+    return [p["image"] for m in conversation for p in m["content"] if p.get("type") == "image"]
+
+
+def sample_problem(conversation: list[dict], processor) -> str | None:
+    """Why a conversation cannot be trained on, or None when it can.
+
+    Args:
+        conversation: chat messages (content as a string or a list of parts).
+        processor: the model's processor (its special tokens and capabilities matter).
+
+    Returns:
+        A one-line reason, or None.
+    """
+    conversation = _normalize(conversation)
+    replies = [m for m in conversation if m["role"] == "assistant"]
+    if not replies:
+        return "the sample has no assistant reply to learn from"
+    for turn, message in enumerate(conversation):
+        role = message["role"]
+        if role not in ("system", "user", "assistant"):
+            return f"turn {turn} has role {role!r}; use system, user or assistant"
+        for part in message["content"]:
+            if part.get("type") == "image":
+                if part.get("image") is None:
+                    return f"turn {turn} has an image part without an image"
+                if role != "user":
+                    return f"turn {turn} ({role}) holds an image; images belong in user turns"
+        pattern = _special_pattern(_special_tokens(processor))
+        found = pattern.search(_text(message)) if pattern else None
+        if found:
+            return (
+                f"turn {turn} ({role}) spells the special token {found.group()!r} in its text, "
+                "which the processor would read as a control or image token"
+            )
+        if role == "assistant" and not _text(message).strip():
+            return f"turn {turn} is an empty assistant reply"
+    if is_prefix_lm(processor):
+        users = [m for m in conversation if m["role"] == "user"]
+        if len(replies) != 1 or len(users) != 1 or conversation[-1]["role"] != "assistant":
+            return (
+                f"a prefix-LM ({type(processor).__name__}) takes one user turn and one reply per "
+                f"sample, this one has {len(users)} user turn(s) and {len(replies)} reply(ies); "
+                "split it into one sample per reply"
+            )
+        if not _images(conversation):
+            return f"a prefix-LM ({type(processor).__name__}) needs an image in every sample"
+    return None
+
+
+# ------------------------------------------------------------------------------ rendering
+def _labels(batch: dict, mask: torch.Tensor, processor) -> dict:
+    input_ids = batch["input_ids"]
+    labels = torch.where(mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    image_ids = torch.tensor(image_token_ids(processor), dtype=input_ids.dtype)
+    labels[torch.isin(input_ids, image_ids)] = IGNORE_INDEX
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    batch["labels"] = labels
+    return batch
+
+
+def _render_with_markers(conversations: list[list[dict]], processor) -> dict:
     batch = processor.apply_chat_template(
         conversations,
         tokenize=True,
@@ -46,72 +235,297 @@ def render_batch(conversations: list[list[dict]], processor) -> dict[str, torch.
         processor_kwargs={"padding": True, "padding_side": "right"},
         return_assistant_tokens_mask=True,
     )
-    input_ids = batch["input_ids"]
+    batch = dict(batch)
     mask = batch.pop("assistant_masks")
-    if not torch.is_tensor(mask):
-        mask = torch.tensor(mask)
-    labels = torch.where(mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    image_ids = torch.tensor(image_token_ids(processor), dtype=input_ids.dtype)
-    labels[torch.isin(input_ids, image_ids)] = IGNORE_INDEX
-    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-    batch["labels"] = labels
-    return dict(batch)
+    return _labels(batch, torch.as_tensor(mask), processor)
 
 
-def _problem(row: int, batch: dict, image_ids: torch.Tensor, max_length: int | None) -> str | None:
+def reply_spans(conversation: list[dict], processor) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each reply (with its end-of-turn).
+
+    Works with any chat template that renders a conversation as the concatenation of its
+    prefixes: reply ``i`` is what ``conversation[:i+1]`` adds to ``conversation[:i]`` followed
+    by the generation prompt, without trailing whitespace.
+
+    Raises:
+        UsageError: the template does not render conversations prefix by prefix.
+    """
+
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    full = render(conversation, False)
+    spans = []
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before = render(conversation[:i], True)
+        upto = render(conversation[: i + 1], False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise UsageError(
+                f"the chat template of {type(processor).__name__} does not render a "
+                "conversation as the concatenation of its turns, so replies cannot be located; "
+                "give it a template that wraps each reply in {% generation %}...{% endgeneration %}"
+            )
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def _render_by_prefixes(conversations: list[list[dict]], processor) -> dict:
+    texts, spans = zip(*(reply_spans(c, processor) for c in conversations))
+    images = [_images(c) for c in conversations]
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    batch = processor(
+        text=list(texts),
+        images=images if any(images) else None,
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+        return_offsets_mapping=True,
+        return_text_replacement_offsets=True,
+        # The template already wrote <bos> when it starts with it (as apply_chat_template does).
+        add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)),
+    )
+    batch = dict(batch)
+    offsets = batch.pop("offset_mapping").tolist()
+    replaced = batch.pop("text_replacement_offsets", None) or [[] for _ in texts]
+    mask = torch.zeros_like(batch["input_ids"])
+    for row, row_spans in enumerate(spans):
+        # Image placeholders expand into many tokens: shift each span past the expansions before it.
+        ends = [r["span"][1] for r in replaced[row]]
+        gained = [0] + [r["new_span"][1] - r["span"][1] for r in replaced[row]]
+        for start, end in row_spans:
+            start = start + gained[_count_le(ends, start)]
+            end = end + gained[_count_le(ends, end)]
+            for pos, (token_start, token_end) in enumerate(offsets[row]):
+                if token_start < end and token_end > start:
+                    mask[row, pos] = 1
+    return _labels(batch, mask, processor)
+
+
+def _count_le(values: list[int], x: int) -> int:
+    return sum(1 for v in values if v <= x)
+
+
+def _render_prefix_lm(conversations: list[list[dict]], processor) -> dict:
+    image_token = processor.image_token
+    prompts, suffixes, images = [], [], []
+    for conversation in conversations:
+        sample_images = _images(conversation)
+        prompt = "\n".join(_text(m) for m in conversation if m["role"] in ("system", "user"))
+        # The processor puts <bos> after the image tokens and "\n" after the prompt.
+        prompts.append(image_token * len(sample_images) + prompt)
+        suffixes.append(_text(conversation[-1]))
+        images.append(sample_images)
+    batch = processor(
+        text=prompts,
+        images=images,
+        suffix=suffixes,
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+    )
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    return _labels(batch, torch.as_tensor(labels) != IGNORE_INDEX, processor)
+
+
+def render_batch(conversations: list[list[dict]], processor) -> dict[str, torch.Tensor]:
+    """Renders conversations into model inputs plus ``labels`` (answer-only).
+
+    Args:
+        conversations: conversations in content-parts form (see ``sample_problem`` for what a
+            trainable one looks like).
+        processor: the model's Hugging Face processor.
+
+    Returns:
+        The processor's tensors plus ``labels`` (``-100`` everywhere but reply tokens).
+    """
+    conversations = [_normalize(c) for c in conversations]
+    if is_prefix_lm(processor):
+        return _render_prefix_lm(conversations, processor)
+    if _chat_template(processor) is None:
+        raise UsageError(
+            f"the processor {type(processor).__name__} has no chat template; set one "
+            "(processor.chat_template) or use a model folder that has chat_template.jinja"
+        )
+    if has_generation_markers(processor):
+        return _render_with_markers(conversations, processor)
+    return _render_by_prefixes(conversations, processor)
+
+
+def prompt_inputs(processor, prompts: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Model inputs that prompt the next reply to each conversation (for ``generate``).
+
+    Rows are padded on the left: a decoder continues from the last position of every row. A
+    chat processor renders its template with the generation prompt; a prefix-LM (PaliGemma)
+    gets its images and prompt as the prefix, as in training.
+
+    Args:
+        processor: the model's processor.
+        prompts: conversations, each ending with a user turn.
+
+    Returns:
+        The processor's tensors for the batch.
+    """
+    prompts = [_normalize(p) for p in prompts]
+    if is_prefix_lm(processor):
+        images = [_images(p) for p in prompts]
+        texts = [
+            processor.image_token * len(imgs)
+            + "\n".join(_text(m) for m in p if m["role"] in ("system", "user"))
+            for p, imgs in zip(prompts, images)
+        ]
+        out = processor(
+            text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"
+        )
+    else:
+        out = processor.apply_chat_template(
+            prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
+        )
+    return dict(out)
+
+
+# ------------------------------------------------------------------------------ budget
+def _length_problem(row: int, batch: dict, image_ids: torch.Tensor, max_length: int | None):
+    """Why row ``row`` cannot fit ``max_length``: (reason, is_overlength) or None."""
     labels = batch["labels"][row]
     length = int(batch["attention_mask"][row].sum())
+    is_image = torch.isin(batch["input_ids"][row], image_ids)
     if max_length is not None and length > max_length:
-        image_pos = torch.isin(batch["input_ids"][row], image_ids).nonzero()
+        image_pos = is_image.nonzero()
         if len(image_pos) and int(image_pos.max()) >= max_length:
             return (
-                f"{length} tokens with image tokens up to position {int(image_pos.max())} "
-                f"exceed max_length={max_length}"
-            )
+                f"{length} tokens ({int(is_image.sum())} image tokens, up to position "
+                f"{int(image_pos.max())}) exceed max_length={max_length}"
+            ), True
         labels = labels[:max_length]
+        if not (labels != IGNORE_INDEX).any():
+            return f"no reply token left within max_length={max_length} ({length} tokens)", True
     if not (labels != IGNORE_INDEX).any():
-        if max_length is not None and length > max_length:
-            return f"no reply token left within max_length={max_length} ({length} tokens)"
-        return "the sample has no assistant reply to learn from"
+        return "the sample has no assistant reply to learn from", False
     return None
 
 
+def _shrink(conversation: list[dict], scale: float, max_pixels: int) -> list[dict]:
+    """A copy of ``conversation`` whose images cover ``scale`` of their processed area."""
+    out = []
+    for message in conversation:
+        parts = []
+        for part in message["content"]:
+            if part.get("type") == "image":
+                image = part["image"]
+                area = min(image.width * image.height, max_pixels)
+                factor = math.sqrt(area * scale / (image.width * image.height))
+                size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+                part = {"type": "image", "image": image.resize(size, Image.BICUBIC)}
+            parts.append(part)
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
 def default_collate_fn(
-    examples: list[dict[str, Any]], processor, max_length: int | None = None
+    examples: list[dict[str, Any]],
+    processor,
+    max_length: int | None = None,
+    on_overlength: str = "drop",
 ) -> dict[str, Any] | None:
     """Collates conversation samples into one padded batch.
 
     Args:
         examples: samples of the form ``{"conversation": [...]}`` (see the dataset builders).
-        processor: the model's Hugging Face processor, with a chat template that marks
-            assistant replies with ``{% generation %}``.
+        processor: the model's Hugging Face processor.
         max_length: the longest sequence kept; ``None`` keeps everything.
+        on_overlength: what happens to a sample that cannot fit ``max_length`` without cutting
+            its image tokens or all its reply tokens (after shrinking its images where the
+            family sizes images by ``max_pixels``): ``drop`` it with a reason, or ``error``.
 
     Returns:
-        The processor's tensors plus ``labels`` and ``dropped`` (a list of ``(index, reason)``
-        for samples left out), or ``None`` when no sample in the batch is usable.
+        The processor's tensors plus ``labels``, ``dropped`` (a list of ``(name, reason)`` for
+        samples left out) and ``resized`` (``(name, scale)`` for samples whose images were
+        shrunk), or ``None`` when no sample in the batch is usable.
+
+    Raises:
+        UsageError: ``on_overlength="error"`` and a sample does not fit.
     """
+    if on_overlength not in OVERLENGTH_POLICIES:
+        raise UsageError(
+            f"dataloader.collate_fn.on_overlength={on_overlength!r}: use one of "
+            f"{', '.join(OVERLENGTH_POLICIES)}"
+        )
     image_ids = torch.tensor(image_token_ids(processor))
-    keep = list(range(len(examples)))
+    names = [_sample_name(example, i) for i, example in enumerate(examples)]
+    conversations: dict[int, list[dict]] = {}
     dropped: list[tuple[int, str]] = []
+    for i, example in enumerate(examples):
+        try:
+            conversation = _normalize(example["conversation"])
+        except (OSError, ValueError) as e:  # an unreadable image file or URL
+            dropped.append((i, f"cannot load an image: {e}"))
+            continue
+        why = sample_problem(conversation, processor)
+        if why is None:
+            conversations[i] = conversation
+        else:
+            dropped.append((i, why))
+    can_resize = max_length is not None and resizes_by_max_pixels(processor)
+    scales: dict[int, float] = {}
+    attempts: dict[int, int] = {}
+    keep = list(conversations)
+    batch = None
     while keep:
-        batch = render_batch([examples[i]["conversation"] for i in keep], processor)
-        problems = [(keep[r], _problem(r, batch, image_ids, max_length)) for r in range(len(keep))]
-        bad = [(i, why) for i, why in problems if why is not None]
-        if not bad:
+        batch = render_batch([conversations[i] for i in keep], processor)
+        retry = False
+        for row, i in enumerate(keep):
+            problem = _length_problem(row, batch, image_ids, max_length)
+            if problem is None:
+                continue
+            why, overlength = problem
+            if overlength and can_resize and _images(conversations[i]):
+                if attempts.get(i, 0) < _RESIZE_ATTEMPTS:
+                    # Aim the image tokens at what is left of max_length after the text, with a
+                    # margin for the processor's rounding to whole patches.
+                    n_image = int(torch.isin(batch["input_ids"][row], image_ids).sum())
+                    length = int(batch["attention_mask"][row].sum())
+                    budget = max(1, max_length - (length - n_image))
+                    scale = min(0.9, 0.9 * budget / max(1, n_image))
+                    scales[i] = scales.get(i, 1.0) * scale
+                    attempts[i] = attempts.get(i, 0) + 1
+                    conversations[i] = _shrink(conversations[i], scale, _max_pixels(processor))
+                    retry = True
+                    continue
+                why += f" (images shrunk {attempts[i]} times, still too long)"
+            if overlength and on_overlength == "error":
+                raise UsageError(
+                    f"sample {names[i]}: {why}; raise dataloader.collate_fn.max_length or set "
+                    "dataloader.collate_fn.on_overlength=drop"
+                )
+            dropped.append((i, why))
+            retry = True
+        if not retry:
             break
         # Re-render without the bad samples: per-family image tensors (tiles, grids) are laid
         # out by the processor, so removing rows by hand would be family-specific.
-        dropped.extend(bad)
-        bad_ids = {i for i, _ in bad}
-        keep = [i for i in keep if i not in bad_ids]
-    else:
+        gone = {i for i, _ in dropped}
+        keep = [i for i in keep if i not in gone]
+    if not keep:
         return None
     if max_length is not None and batch["input_ids"].shape[1] > max_length:
         for key in _SEQUENCE_KEYS:
             if key in batch and torch.is_tensor(batch[key]) and batch[key].dim() >= 2:
                 batch[key] = batch[key][:, :max_length]
-    batch["dropped"] = [(_sample_name(examples[i], i), why) for i, why in dropped]
+    resized = [(names[i], round(s, 4)) for i, s in scales.items() if i in keep]
+    for name, scale in resized:
+        logger.warning("resized the images of sample %s to %.0f%% of their area", name, 100 * scale)
+    batch["dropped"] = [(names[i], why) for i, why in dropped]
+    batch["resized"] = resized
     return batch
 
 

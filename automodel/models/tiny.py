@@ -361,7 +361,7 @@ def wrap_tokenizer(
     eos_token: str,
     pad_token: str,
     unk_token: str | None,
-    chat_template: str,
+    chat_template: str | None,
     extra_special_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Wrap a trained tokenizer as a transformers tokenizer.
@@ -723,12 +723,571 @@ def _build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Families shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _check_heads(s: Mapping[str, Any], hidden: str, heads: str) -> None:
+    _require(
+        s[hidden] % s[heads] == 0,
+        f"{hidden}={s[hidden]} must be a multiple of {heads}={s[heads]}",
+    )
+
+
+def _check_patches(s: Mapping[str, Any]) -> None:
+    _require(
+        s["image_size"] % s["patch_size"] == 0,
+        f"image_size={s['image_size']} must be a multiple of patch_size={s['patch_size']}",
+    )
+
+
+def _llama_text_config(sizes: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast, eos_ids):
+    """A Llama decoder config (the text model of LLaVA 1.5, SmolVLM and Idefics3)."""
+    from transformers import LlamaConfig
+
+    _check_heads(sizes, "hidden_size", "num_attention_heads")
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
+        num_hidden_layers=sizes["num_hidden_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        num_key_value_heads=sizes["num_key_value_heads"],
+        max_position_embeddings=sizes["max_position_embeddings"],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids,
+    )
+
+
+# Sizes every small twin below starts from; a family adds or replaces what it needs.
+_SMALL_TEXT: dict[str, Any] = {
+    "vocab_size": 1024,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+_SMALL_VISION: dict[str, Any] = {
+    "vision_hidden_size": 64,
+    "vision_intermediate_size": 128,
+    "vision_num_hidden_layers": 2,
+    "vision_num_attention_heads": 2,
+}
+
+
+def _siglip_config(sizes: Mapping[str, Any]):
+    from transformers import SiglipVisionConfig
+
+    _check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
+    _check_patches(sizes)
+    return SiglipVisionConfig(
+        hidden_size=sizes["vision_hidden_size"],
+        intermediate_size=sizes["vision_intermediate_size"],
+        num_hidden_layers=sizes["vision_num_hidden_layers"],
+        num_attention_heads=sizes["vision_num_attention_heads"],
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"],
+        layer_norm_eps=1e-6,
+        # Only patch states are read (as in the real PaliGemma and SigLIP LLaVA configs); an
+        # unused pooling head would get no gradient and stop DDP.
+        vision_use_head=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PaliGemma (2): a prefix-LM without a chat template
+# --------------------------------------------------------------------------------------------
+
+PALIGEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+
+PALIGEMMA_DEFAULTS: dict[str, Any] = {
+    **_SMALL_TEXT,
+    "head_dim": 32,
+    "sliding_window": 128,
+    # PaliGemma 2's Gemma 2 decoder caps its logits: our label-position logits must too.
+    "final_logit_softcapping": 30.0,
+    **_SMALL_VISION,
+    "image_size": 64,
+    "patch_size": 16,
+}
+
+
+def _build_paligemma(out_dir: Path, seed: int, **overrides: Any) -> None:
+    from transformers import (
+        Gemma2Config,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
+
+    sizes = resolve_sizes("paligemma", PALIGEMMA_DEFAULTS, overrides)
+    _check_heads(sizes, "num_attention_heads", "num_key_value_heads")
+    raw = train_tokenizer(PALIGEMMA_SPECIAL_TOKENS, sizes["vocab_size"])
+    # The processor writes <bos> into the text itself; the pair segment (the suffix) gets type
+    # id 1, which the processor turns into labels and the model into its prefix-LM mask.
+    raw.post_processor = processors.TemplateProcessing(single="$A", pair="$A:0 $B:1")
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=None,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokens_per_image = (sizes["image_size"] // sizes["patch_size"]) ** 2
+    image_processor = SiglipImageProcessor(
+        size={"height": sizes["image_size"], "width": sizes["image_size"]},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    image_processor.image_seq_length = tokens_per_image
+    # The processor adds 1,152 <locXXXX>/<segXXX> tokens: size the vocabulary after it.
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text_config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
+        num_hidden_layers=sizes["num_hidden_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        num_key_value_heads=sizes["num_key_value_heads"],
+        head_dim=sizes["head_dim"],
+        query_pre_attn_scalar=sizes["head_dim"],
+        sliding_window=sizes["sliding_window"],
+        final_logit_softcapping=sizes["final_logit_softcapping"],
+        max_position_embeddings=sizes["max_position_embeddings"],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = PaliGemmaConfig(
+        text_config=text_config,
+        vision_config=_siglip_config(sizes),
+        image_token_index=tokenizer.image_token_id,
+        projection_dim=sizes["hidden_size"],
+        hidden_size=sizes["hidden_size"],
+    )
+    config.vision_config.projection_dim = sizes["hidden_size"]
+    config.dtype = torch.float32
+    model = init_model(lambda: PaliGemmaForConditionalGeneration(config), seed)
+    save_twin(model, processor, out_dir, generation_config(tokenizer, ["<eos>"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-VL and Qwen2.5-VL: dynamic resolution, mRoPE
+# --------------------------------------------------------------------------------------------
+
+QWEN_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL-Instruct's chat template, with each assistant reply and its <|im_end|>
+# wrapped in {% generation %} (the "\n" after it stays outside).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>{% endgeneration %}\n"
+    "{% elif message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_VL_DEFAULTS: dict[str, Any] = {
+    **_SMALL_TEXT,
+    # mRoPE splits the rotary half-dimension (head_dim / 2 = 16) into temporal, height and
+    # width sections; they must sum to it.
+    "mrope_section": [4, 6, 6],
+    **_SMALL_VISION,
+    "patch_size": 14,
+    # Dynamic resolution: an image becomes between min_pixels and max_pixels pixels, one token
+    # per 28x28 (2x2 merged 14-pixel patches): 4 to 16 tokens here.
+    "min_pixels": 4 * 28 * 28,
+    "max_pixels": 16 * 28 * 28,
+}
+
+
+def _qwen_text_kwargs(sizes: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict:
+    _check_heads(sizes, "hidden_size", "num_attention_heads")
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    _require(
+        sum(sizes["mrope_section"]) * 2 == head_dim,
+        f"mrope_section={sizes['mrope_section']} must sum to head_dim / 2 = {head_dim // 2}",
+    )
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes["hidden_size"],
+        "intermediate_size": sizes["intermediate_size"],
+        "num_hidden_layers": sizes["num_hidden_layers"],
+        "num_attention_heads": sizes["num_attention_heads"],
+        "num_key_value_heads": sizes["num_key_value_heads"],
+        "max_position_embeddings": sizes["max_position_embeddings"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": list(sizes["mrope_section"]),
+        },
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
+    import transformers as tf
+
+    sizes = resolve_sizes(family, QWEN_VL_DEFAULTS, overrides)
+    _check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
+    raw = train_tokenizer(QWEN_VL_SPECIAL_TOKENS, sizes["vocab_size"])
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    text = _qwen_text_kwargs(sizes, tokenizer)
+    vision = {
+        "depth": sizes["vision_num_hidden_layers"],
+        "num_heads": sizes["vision_num_attention_heads"],
+        "patch_size": sizes["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        text_config = tf.Qwen2_5_VLTextConfig(**text)
+        vision_config = tf.Qwen2_5_VLVisionConfig(
+            **vision,
+            hidden_size=sizes["vision_hidden_size"],
+            intermediate_size=sizes["vision_intermediate_size"],
+            out_hidden_size=sizes["hidden_size"],
+            # Window attention in every block but the last, as in the real model.
+            window_size=112,
+            fullatt_block_indexes=[sizes["vision_num_hidden_layers"] - 1],
+        )
+        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        processor_cls = tf.Qwen2_5_VLProcessor
+    else:
+        text_config = tf.Qwen2VLTextConfig(**text)
+        vision_config = tf.Qwen2VLVisionConfig(
+            **vision,
+            embed_dim=sizes["vision_hidden_size"],
+            mlp_ratio=sizes["vision_intermediate_size"] // sizes["vision_hidden_size"],
+            hidden_size=sizes["hidden_size"],
+        )
+        config_cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        processor_cls = tf.Qwen2VLProcessor
+    config = config_cls(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
+    )
+    config.dtype = torch.float32
+    model = init_model(lambda: model_cls(config), seed)
+    pixels = {"min_pixels": sizes["min_pixels"], "max_pixels": sizes["max_pixels"]}
+    processor = processor_cls(
+        image_processor=tf.Qwen2VLImageProcessor(patch_size=sizes["patch_size"], **pixels),
+        video_processor=tf.Qwen2VLVideoProcessor(patch_size=sizes["patch_size"], **pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    stops = ["<|im_end|>", "<|endoftext|>"]
+    save_twin(model, processor, out_dir, generation_config(tokenizer, stops))
+
+
+def _build_qwen2_vl(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_qwen_vl(out_dir, seed, "qwen2_vl", **overrides)
+
+
+def _build_qwen2_5_vl(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_qwen_vl(out_dir, seed, "qwen2_5_vl", **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolVLM and Idefics3: image splitting into tiles
+# --------------------------------------------------------------------------------------------
+
+_IDEFICS3_IMAGE_TOKENS = [
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
+]
+
+
+def _idefics3_template(start: str) -> str:
+    """SmolVLM-Instruct's chat template (Idefics3 starts with another token), with each reply and
+    its <end_of_utterance> wrapped in {% generation %}. The space after "Assistant:" is inside the
+    block: the generation prompt ends at the colon, so the model must learn to write it."""
+    return (
+        start + "{% for message in messages %}{{message['role'] | capitalize}}"
+        "{% if message['role'] == 'assistant' %}{{':'}}{% generation %}{{' '}}"
+        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+        "{% endif %}{% endfor %}<end_of_utterance>{% endgeneration %}"
+        "{% else %}"
+        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+        "{% for line in message['content'] %}"
+        "{% if line['type'] == 'text' %}{{line['text']}}"
+        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+        "<end_of_utterance>{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+
+
+SMOLVLM_CHAT_TEMPLATE = _idefics3_template("<|im_start|>")
+IDEFICS3_CHAT_TEMPLATE = _idefics3_template("<|begin_of_text|>")
+
+IDEFICS3_DEFAULTS: dict[str, Any] = {
+    **_SMALL_TEXT,
+    **_SMALL_VISION,
+    # A 32-pixel tile of 8-pixel patches, pixel-shuffled by 2: 4 tokens per tile. Images are
+    # resized to a 64-pixel longest edge and split into up to 2x2 tiles plus a global view.
+    "image_size": 32,
+    "patch_size": 8,
+    "scale_factor": 2,
+    "longest_edge": 64,
+}
+
+
+def _build_idefics3_like(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
+    import transformers as tf
+
+    sizes = resolve_sizes(family, IDEFICS3_DEFAULTS, overrides)
+    _check_patches(sizes)
+    _check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
+    smol = family == "smolvlm"
+    bos, eos, pad = (
+        ("<|im_start|>", "<end_of_utterance>", "<|im_end|>")
+        if smol
+        else ("<|begin_of_text|>", "<|end_of_text|>", "<pad>")
+    )
+    specials = list(dict.fromkeys([pad, "<|endoftext|>", bos, eos, *_IDEFICS3_IMAGE_TOKENS]))
+    raw = train_tokenizer(specials, sizes["vocab_size"])
+    template = SMOLVLM_CHAT_TEMPLATE if smol else IDEFICS3_CHAT_TEMPLATE
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=None,
+        chat_template=template,
+        extra_special_tokens={
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+    )
+    patches = sizes["image_size"] // sizes["patch_size"]
+    _require(
+        patches % sizes["scale_factor"] == 0,
+        f"scale_factor={sizes['scale_factor']} must divide the {patches}x{patches} patch grid",
+    )
+    image_seq_len = (patches // sizes["scale_factor"]) ** 2
+    vision_cls = tf.SmolVLMVisionConfig if smol else tf.Idefics3VisionConfig
+    vision_config = vision_cls(
+        hidden_size=sizes["vision_hidden_size"],
+        intermediate_size=sizes["vision_intermediate_size"],
+        num_hidden_layers=sizes["vision_num_hidden_layers"],
+        num_attention_heads=sizes["vision_num_attention_heads"],
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"],
+    )
+    eos_ids = [token_id(tokenizer, eos), token_id(tokenizer, "<end_of_utterance>")]
+    config_cls = tf.SmolVLMConfig if smol else tf.Idefics3Config
+    config = config_cls(
+        text_config=_llama_text_config(sizes, tokenizer, eos_ids),
+        vision_config=vision_config,
+        scale_factor=sizes["scale_factor"],
+        image_token_id=tokenizer.image_token_id,
+    )
+    config.dtype = torch.float32
+    model_cls = tf.SmolVLMForConditionalGeneration if smol else tf.Idefics3ForConditionalGeneration
+    model = init_model(lambda: model_cls(config), seed)
+    image_kwargs = {
+        "do_image_splitting": True,
+        "size": {"longest_edge": sizes["longest_edge"]},
+        "max_image_size": {"longest_edge": sizes["image_size"]},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    if smol:
+        processor = tf.SmolVLMProcessor(
+            image_processor=tf.SmolVLMImageProcessor(**image_kwargs),
+            video_processor=tf.SmolVLMVideoProcessor(
+                size={"longest_edge": sizes["longest_edge"]},
+                max_image_size={"longest_edge": sizes["image_size"]},
+            ),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=template,
+        )
+    else:
+        processor = tf.Idefics3Processor(
+            image_processor=tf.Idefics3ImageProcessor(**image_kwargs),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=template,
+        )
+    stops = list(dict.fromkeys([eos, "<end_of_utterance>"]))
+    save_twin(model, processor, out_dir, generation_config(tokenizer, stops))
+
+
+def _build_smolvlm(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_idefics3_like(out_dir, seed, "smolvlm", **overrides)
+
+
+def _build_idefics3(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_idefics3_like(out_dir, seed, "idefics3", **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA 1.5 (CLIP tower) and LLaVA with a SigLIP tower
+# --------------------------------------------------------------------------------------------
+
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+# llava-hf/llava-1.5's chat template (USER: <image>\n... ASSISTANT: ...), except that each reply
+# ends with </s> inside {% generation %}, as in LLaVA 1.5's own training format, so a fine-tuned
+# model learns to stop. The space after "ASSISTANT:" is inside the block too: the generation
+# prompt ends at the colon.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT:' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% generation %}{{ ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{ eos_token }}{% endgeneration %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+LLAVA_DEFAULTS: dict[str, Any] = {
+    **_SMALL_TEXT,
+    **_SMALL_VISION,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def _build_llava_like(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
+    import transformers as tf
+
+    sizes = resolve_sizes(family, LLAVA_DEFAULTS, overrides)
+    _check_patches(sizes)
+    _check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
+    raw = train_tokenizer(LLAVA_SPECIAL_TOKENS, sizes["vocab_size"], bos_token="<s>")
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    size = sizes["image_size"]
+    if family == "llava":
+        # LLaVA 1.5: CLIP, features of the second-to-last layer without the CLS token.
+        vision_config = tf.CLIPVisionConfig(
+            hidden_size=sizes["vision_hidden_size"],
+            intermediate_size=sizes["vision_intermediate_size"],
+            num_hidden_layers=sizes["vision_num_hidden_layers"],
+            num_attention_heads=sizes["vision_num_attention_heads"],
+            image_size=size,
+            patch_size=sizes["patch_size"],
+        )
+        strategy, layer, extra_tokens = "default", -2, 1
+        image_processor = tf.CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    else:
+        vision_config = _siglip_config(sizes)
+        strategy, layer, extra_tokens = "full", -1, 0
+        image_processor = tf.SiglipImageProcessor(
+            size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    image_seq_length = (size // sizes["patch_size"]) ** 2
+    config = tf.LlavaConfig(
+        vision_config=vision_config,
+        text_config=_llama_text_config(sizes, tokenizer, tokenizer.eos_token_id),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=image_seq_length,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer,
+    )
+    config.dtype = torch.float32
+    model = init_model(lambda: tf.LlavaForConditionalGeneration(config), seed)
+    processor = tf.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=sizes["patch_size"],
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra_tokens,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    save_twin(model, processor, out_dir, generation_config(tokenizer, ["</s>"]))
+
+
+def _build_llava(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_llava_like(out_dir, seed, "llava", **overrides)
+
+
+def _build_llava_siglip(out_dir: Path, seed: int, **overrides: Any) -> None:
+    _build_llava_like(out_dir, seed, "llava_siglip", **overrides)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 # --------------------------------------------------------------------------------------------
 
 # family name -> builder(out_dir, seed, **overrides), which writes the twin into out_dir.
 FAMILIES: dict[str, Callable[..., None]] = {
     "gemma3": _build_gemma3,
+    "paligemma": _build_paligemma,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "smolvlm": _build_smolvlm,
+    "idefics3": _build_idefics3,
+    "llava": _build_llava,
+    "llava_siglip": _build_llava_siglip,
 }
 
 

@@ -1,0 +1,438 @@
+"""Every family right: answer-only labels, the vision-token budget, our loss against the model's
+own, save / reload / generate, and each family's example YAML, on the tiny twins.
+
+The twins are built once per session (``tiny_family`` in conftest.py); each family's tests take
+about a second on 2 CPU cores, the example runs a few seconds each.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from automodel.cli import main as cli_main
+from automodel.datasets.collate import (
+    default_collate_fn,
+    has_generation_markers,
+    image_token_ids,
+    is_prefix_lm,
+    prompt_inputs,
+)
+from automodel.errors import UsageError
+from automodel.loss import MaskedCrossEntropy
+from automodel.models.forward import label_logits
+from automodel.models.tiny import FAMILIES
+from automodel.training.checkpoint import save_hf_folder
+from tests.conftest import ROOT, run_python
+
+# The token that ends an assistant reply in each family's format.
+END_OF_TURN = {
+    "gemma3": "<end_of_turn>",
+    "paligemma": "<eos>",
+    "qwen2_vl": "<|im_end|>",
+    "qwen2_5_vl": "<|im_end|>",
+    "smolvlm": "<end_of_utterance>",
+    "idefics3": "<end_of_utterance>",
+    "llava": "</s>",
+    "llava_siglip": "</s>",
+}
+CHAT_FAMILIES = [f for f in FAMILIES if f != "paligemma"]
+
+EXAMPLES = {
+    "gemma3": "gemma3_4b_it_cord_v2.yaml",
+    "paligemma": "paligemma2_3b_pt_448_cord_v2.yaml",
+    "qwen2_5_vl": "qwen2_5_vl_3b_instruct_cord_v2.yaml",
+    "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
+    "llava": "llava_1_5_7b_cord_v2.yaml",
+}
+
+
+def test_every_family_has_a_twin_and_an_end_token():
+    assert set(FAMILIES) == set(END_OF_TURN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more only spin (and on a busy CPU, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_family):
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = tiny_family(family)
+            cache[family] = (
+                AutoProcessor.from_pretrained(path),
+                AutoModelForImageTextToText.from_pretrained(path),
+            )
+        return cache[family]
+
+    return get
+
+
+def _image(color=(200, 30, 30), size=(90, 60)):
+    return Image.new("RGB", size, color)
+
+
+def _turn(role, *parts):
+    return {
+        "role": role,
+        "content": [
+            {"type": "image", "image": p}
+            if isinstance(p, Image.Image)
+            else {"type": "text", "text": p}
+            for p in parts
+        ],
+    }
+
+
+def _samples(family: str) -> tuple[list[dict], list[list[str]]]:
+    """A batch with multi-turn, several images and a system turn (one turn for a prefix-LM)."""
+    if family == "paligemma":
+        first = [
+            _turn("user", _image(), _image((0, 90, 0), (50, 80)), "Compare the colours."),
+            _turn("assistant", "Red then green."),
+        ]
+        replies = [["Red then green."], ["Blue"]]
+    else:
+        first = [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            _turn("user", _image(), "What colour?"),
+            _turn("assistant", "Red, mostly."),
+            _turn("user", _image((0, 90, 0), (50, 80)), _image((9, 9, 9)), "And these two?"),
+            _turn("assistant", '{"total": "9,000"}'),
+        ]
+        replies = [["Red, mostly.", '{"total": "9,000"}'], ["Blue"]]
+    second = [_turn("user", _image((0, 0, 255)), "Colour?"), _turn("assistant", "Blue")]
+    return [
+        {"id": "first", "conversation": first},
+        {"id": "second", "conversation": second},
+    ], replies
+
+
+def labelled_spans(labels: torch.Tensor, tokenizer) -> list[str]:
+    """Decodes each run of consecutive labelled positions."""
+    spans, current = [], []
+    for token in labels.tolist() + [-100]:
+        if token == -100:
+            if current:
+                spans.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(token)
+    return spans
+
+
+def _without_markers(processor):
+    """A copy whose chat template has no {% generation %} blocks (as hub checkpoints ship)."""
+    processor = copy.deepcopy(processor)
+    template = re.sub(
+        r"{%(-?)\s*generation\s*(-?)%}", r"{%\1 if true \2%}", processor.chat_template
+    )
+    template = re.sub(r"{%(-?)\s*endgeneration\s*(-?)%}", r"{%\1 endif \2%}", template)
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+    return processor
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_labels_are_exactly_the_replies(family, loaded):
+    processor, _ = loaded(family)
+    examples, replies = _samples(family)
+    batch = default_collate_fn(examples, processor)
+    assert batch["dropped"] == []
+    end = END_OF_TURN[family]
+    for row, expected in enumerate(replies):
+        spans = labelled_spans(batch["labels"][row], processor.tokenizer)
+        # LLaVA and SmolVLM prompt with "ASSISTANT:" / "Assistant:": the reply's leading space is
+        # the model's to write, so it is labelled too.
+        assert [s.removeprefix(" ") for s in spans] == [r + end for r in expected], spans
+    labelled = batch["labels"] != -100
+    ids = torch.tensor(image_token_ids(processor))
+    assert not torch.isin(batch["input_ids"], ids)[labelled].any(), "an image token has a label"
+    assert not labelled[batch["attention_mask"] == 0].any(), "a padding token has a label"
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_templates_without_generation_markers_give_the_same_labels(family, loaded):
+    processor, _ = loaded(family)
+    plain = _without_markers(processor)
+    assert has_generation_markers(processor) and not has_generation_markers(plain)
+    examples, _ = _samples(family)
+    marked = default_collate_fn(examples, processor)
+    diffed = default_collate_fn(examples, plain)
+    assert torch.equal(marked["input_ids"], diffed["input_ids"])
+    assert torch.equal(marked["labels"], diffed["labels"])
+
+
+def test_prefix_lm_is_detected_by_capability(loaded):
+    assert is_prefix_lm(loaded("paligemma")[0])
+    assert not any(is_prefix_lm(loaded(f)[0]) for f in ("gemma3", "llava"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_loss_equals_the_models_own_loss(family, loaded):
+    processor, model = loaded(family)
+    examples, _ = _samples(family)
+    batch = default_collate_fn(examples, processor)
+    batch.pop("dropped"), batch.pop("resized")
+    labels = batch.pop("labels")
+    model.train()
+    with torch.no_grad():
+        reference = model(**batch, labels=labels).loss
+        logits, targets = label_logits(model, batch, labels)
+        ours = MaskedCrossEntropy()(logits, targets)
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (float(ours), float(reference))
+
+
+def _provocations(family: str, processor) -> tuple[list[dict], dict[str, str]]:
+    """Samples that would make a processor emit image tokens without features (or the reverse),
+    or give a batch without labels, and the reason each must be dropped with."""
+    good = _samples(family)[0][1]
+    typed = f"look: {processor.image_token} here"
+    long_text = " ".join(["word"] * 120)
+    examples = [
+        {
+            "id": "typed-image-token",
+            "conversation": [_turn("user", _image(), typed), _turn("assistant", "x")],
+        },
+        {
+            "id": "image-in-reply",
+            "conversation": [_turn("user", _image(), "Hi"), _turn("assistant", _image(), "x")],
+        },
+        {
+            "id": "image-missing",
+            "conversation": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": None}, {"type": "text", "text": "Hi"}],
+                },
+                _turn("assistant", "x"),
+            ],
+        },
+        {
+            "id": "empty-reply",
+            "conversation": [_turn("user", _image(), "Hi"), _turn("assistant", "  ")],
+        },
+        {"id": "no-reply", "conversation": [_turn("user", _image(), "Hi")]},
+        # Over max_length: the image (or for a prefix-LM, every reply token) lies past the cut.
+        {
+            "id": "too-long",
+            "conversation": [
+                _turn("user", long_text, _image(), long_text),
+                _turn("assistant", "y"),
+            ],
+        },
+        {"id": "good", **good},
+    ]
+    reasons = {
+        "typed-image-token": "special token",
+        "image-in-reply": "images belong in user turns",
+        "image-missing": "without an image",
+        "empty-reply": "empty assistant reply",
+        "no-reply": "no assistant reply",
+        "too-long": "max_length",
+    }
+    if family == "paligemma":
+        examples.append(
+            {"id": "multi-turn", "conversation": _samples("gemma3")[0][0]["conversation"]}
+        )
+        reasons["multi-turn"] = "one user turn and one reply"
+    return examples, reasons
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_collate_cannot_provoke_an_image_feature_mismatch(family, loaded):
+    """Every sample that could desynchronise image tokens and features is dropped by name; the
+    batch that is left runs through the model."""
+    processor, model = loaded(family)
+    examples, reasons = _provocations(family, processor)
+    batch = default_collate_fn(examples, processor, max_length=160)
+    dropped = dict(batch.pop("dropped"))
+    assert set(dropped) == set(reasons), dropped
+    for name, fragment in reasons.items():
+        assert fragment in dropped[name], (name, dropped[name])
+    batch.pop("resized")
+    labels = batch.pop("labels")
+    assert batch["input_ids"].shape[0] == 1 and (labels != -100).any()
+    with torch.no_grad():
+        model(**batch)  # raises "Image features and image tokens do not match" if they do not
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_truncation_keeps_every_image_token_and_part_of_the_reply(family, loaded):
+    processor, model = loaded(family)
+    reply = " ".join(["seven"] * 60)
+    example = {"conversation": [_turn("user", _image(), "Count."), _turn("assistant", reply)]}
+    full = default_collate_fn([example], processor)
+    ids = torch.tensor(image_token_ids(processor))
+    n_image = int(torch.isin(full["input_ids"], ids).sum())
+    first_label = int((full["labels"][0] != -100).nonzero()[0])
+    max_length = first_label + 5
+    cut = default_collate_fn([example], processor, max_length=max_length)
+    assert cut["dropped"] == [] and cut["input_ids"].shape[1] == max_length
+    assert int(torch.isin(cut["input_ids"], ids).sum()) == n_image
+    assert torch.equal(cut["input_ids"][0], full["input_ids"][0, :max_length])
+    for key in ("attention_mask", "token_type_ids", "mm_token_type_ids", "labels"):
+        if key in cut:
+            assert cut[key].shape[1] == max_length, key
+    cut.pop("dropped"), cut.pop("resized")
+    labels = cut.pop("labels")
+    assert (labels != -100).sum() > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(**cut, labels=labels).loss)
+
+
+def test_on_overlength_error_names_the_sample(loaded):
+    processor, _ = loaded("llava")
+    long_text = " ".join(["word"] * 120)
+    examples = [
+        {
+            "id": "receipt-7",
+            "conversation": [_turn("user", long_text, _image()), _turn("assistant", "y")],
+        }
+    ]
+    with pytest.raises(UsageError, match="sample receipt-7: .*max_length=40.*on_overlength"):
+        default_collate_fn(examples, processor, max_length=40, on_overlength="error")
+    with pytest.raises(UsageError, match="on_overlength='cut'"):
+        default_collate_fn(examples, processor, on_overlength="cut")
+
+
+def test_dynamic_resolution_shrinks_an_over_budget_image(loaded):
+    """Qwen2.5-VL sizes images by max_pixels: an over-length sample is resized, not dropped; a
+    family with a fixed token count per image drops it instead."""
+    processor, model = loaded("qwen2_5_vl")
+    example = {
+        "id": "big",
+        "conversation": [
+            _turn("user", _image(size=(400, 400)), "Read this receipt please."),
+            _turn("assistant", "ok"),
+        ],
+    }
+    full = default_collate_fn([example], processor)
+    image_id = processor.image_token_id
+    full_tokens = int((full["input_ids"] == image_id).sum())
+    length = full["input_ids"].shape[1]
+    assert full_tokens == 16  # max_pixels of the twin
+    max_length = length - 8
+    batch = default_collate_fn([example], processor, max_length=max_length)
+    assert batch["dropped"] == [] and [n for n, _ in batch["resized"]] == ["big"]
+    assert batch["input_ids"].shape[1] <= max_length
+    assert int((batch["input_ids"] == image_id).sum()) < full_tokens
+    batch.pop("dropped"), batch.pop("resized"), batch.pop("labels")
+    with torch.no_grad():
+        model(**batch)
+
+    llava, _ = loaded("llava")
+    short = {
+        "id": "short",
+        "conversation": [_turn("user", _image(), "Hi"), _turn("assistant", "ok")],
+    }
+    fits = default_collate_fn([short], llava)["input_ids"].shape[1]
+    fixed = default_collate_fn([example, short], llava, max_length=fits)
+    assert [n for n, _ in fixed["dropped"]] == ["big"] and fixed["resized"] == []
+
+
+def test_train_save_reload_and_generate_in_a_fresh_process(loaded, tmp_path):
+    """After a training step, final_model loads with the Auto classes in a fresh process and
+    generates the same tokens; generation stops at the family's end-of-turn token."""
+    expected = {}
+    for family in FAMILIES:
+        processor, model = loaded(family)
+        model = copy.deepcopy(model).train()
+        examples, _ = _samples(family)
+        batch = default_collate_fn(examples[1:], processor)
+        batch.pop("dropped"), batch.pop("resized")
+        labels = batch.pop("labels")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        logits, targets = label_logits(model, batch, labels)
+        MaskedCrossEntropy()(logits, targets).backward()
+        optimizer.step()
+        model.eval()
+        inputs = prompt_inputs(processor, [examples[1]["conversation"][:1]])
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        expected[family] = out[0, inputs["input_ids"].shape[1] :].tolist()
+        save_hf_folder(model, processor, tmp_path / family)
+        eos = model.generation_config.eos_token_id
+        assert processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family]) in (
+            eos if isinstance(eos, list) else [eos]
+        )
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from automodel.datasets.collate import prompt_inputs
+out = {{}}
+for family in {list(FAMILIES)!r}:
+    path = {str(tmp_path)!r} + "/" + family
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    messages = [{{"role": "user", "content": [
+        {{"type": "image", "image": Image.new("RGB", (90, 60), (0, 0, 255))}},
+        {{"type": "text", "text": "Colour?"}}]}}]
+    inputs = prompt_inputs(processor, [messages])
+    with torch.no_grad():
+        tokens = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    out[family] = tokens[0, inputs["input_ids"].shape[1]:].tolist()
+print("RESULT" + json.dumps(out))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT"))
+    assert json.loads(line[len("RESULT") :]) == expected
+
+
+@pytest.mark.parametrize("family", list(EXAMPLES))
+def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_path, capsys):
+    """Each family's example (a real hub checkpoint) runs as is with only paths and sizes
+    overridden to the tiny twin; the run prints its trainable / total parameters."""
+    path = ROOT / "examples/vlm" / EXAMPLES[family]
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["model"]["pretrained_model_name_or_path"].count("/") == 1  # a hub id
+    assert cfg["dataset"]["path_or_dataset"] == "naver-clova-ix/cord-v2"
+    assert path.read_text().splitlines()[1].strip("# ").startswith("automodel finetune vlm -c")
+    twin = tiny_family(family)
+    overrides = [
+        f"--model.pretrained_model_name_or_path={twin}",
+        "--model.torch_dtype=float32",
+        f"--dataset.path_or_dataset={receipts}",
+        f"--validation_dataset.path_or_dataset={receipts}",
+        "--validation_dataset.limit=2",
+        "--step_scheduler.max_steps=2",
+        "--step_scheduler.global_batch_size=2",
+        "--step_scheduler.local_batch_size=2",
+        "--step_scheduler.log_every_steps=1",
+        "--dataloader.num_workers=0",
+        "--dataloader.collate_fn.on_overlength=error",
+        f"--checkpoint.checkpoint_dir={tmp_path / 'ckpt'}",
+    ]
+    if "processor" in cfg:
+        overrides += [
+            f"--processor.pretrained_model_name_or_path={twin}",
+            "--processor.size.longest_edge=12544",
+        ]
+    if "image_size" in cfg["dataset"]:
+        overrides += ["--dataset.image_size=128", "--validation_dataset.image_size=128"]
+    code = cli_main(["finetune", "vlm", "-c", str(path), *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert re.search(r"parameters: [\d,]+ trainable / [\d,]+ total", out.out)
+    assert "step 2/2 | loss" in out.out
+    records = [json.loads(x) for x in (tmp_path / "ckpt/training.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in records) and "vision_loss" not in records[0]
+    assert (tmp_path / "ckpt/final_model/config.json").is_file()
