@@ -1,24 +1,37 @@
 """CORD-v2 receipt parsing as a conversation dataset for VLM fine-tuning.
 
-``make_cord_v2_dataset`` reads the hub dataset ``naver-clova-ix/cord-v2`` or any local folder in
-its layout (``data/<split>-*.parquet`` with ``image`` and ``ground_truth`` columns, such as the
-synthetic receipts from ``make_receipts``) and yields one user/assistant conversation per receipt:
-the receipt image plus an instruction, answered by the receipt's ``gt_parse`` as JSON or as
-Donut-style tokens.
+``make_cord_v2_dataset`` reads the hub dataset ``naver-clova-ix/cord-v2`` or any local copy with
+its ``image`` and ``ground_truth`` columns (a folder in the hub layout ``data/<split>-*.parquet``
+such as the synthetic receipts from ``make_receipts``, a ``save_to_disk`` folder, a ``.parquet``
+or ``.arrow`` file) and yields one user/assistant conversation per receipt: the receipt image plus
+an instruction, answered by the receipt's ``gt_parse`` as JSON or as Donut-style tokens.
 """
 
 from __future__ import annotations
 
 import json
-import operator
 import os
-import re
 from typing import Any
 
 import datasets
-import torch.utils.data
+import numpy as np
 from PIL import Image
 
+from automodel.datasets.vlm.base import (
+    ConversationDataset,
+    check_image_size,
+    image_part,
+    load_image,
+    select_indices,
+    text_part,
+)
+from automodel.datasets.vlm.sources import (
+    ArrowSource,
+    BadSampleError,
+    RecordSource,
+    one_line,
+    open_records,
+)
 from automodel.errors import UsageError
 from automodel.paths import is_local_path
 
@@ -73,114 +86,94 @@ def gt_parse_to_donut(obj: Any) -> str:
     return str(obj)
 
 
-class CordV2Dataset(torch.utils.data.Dataset):
+class CordV2Dataset(ConversationDataset):
     """Map-style dataset of CORD-v2 receipts as user/assistant conversations.
 
     Rows stay in the Arrow table; an image is decoded only when its item is requested.
     """
 
+    what = "CORD-v2 dataset"
+
     def __init__(
         self,
-        rows: datasets.Dataset,
+        source: RecordSource,
+        indices: np.ndarray,
         prompt: str,
         target_format: str,
         image_size: int | None,
-        source: str,
     ) -> None:
-        # Separate single-column views share the Arrow table: reading a target never decodes
-        # an image, and reading an image never parses the (large) ground_truth JSON twice.
-        self._images = rows.select_columns(["image"])
-        self._truths = rows.select_columns(["ground_truth"])
+        super().__init__(source, indices, image_size)
         self.prompt = prompt
         self.target_format = target_format
-        self.image_size = image_size
-        self.source = source
 
-    def __len__(self) -> int:
-        return self._truths.num_rows
+    def to_conversation(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"role": "user", "content": [image_part(self.image_ref(record["image"])), text_part(self.prompt)]},
+            {"role": "assistant", "content": [text_part(self._serialise(_parse_truth(record["ground_truth"])))]},
+        ]  # fmt: skip
 
-    def _index(self, idx: Any) -> int:
-        i = operator.index(idx)
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {idx} out of range for {n} receipts in {self.source}")
-        return i
+    def _serialise(self, parse: dict[str, Any]) -> str:
+        return gt_parse_to_json(parse) if self.target_format == "json" else gt_parse_to_donut(parse)
 
     def gt_parse(self, idx: int) -> dict[str, Any]:
         """Return the ``gt_parse`` dict of one receipt, without decoding its image.
 
         Args:
-            idx: row index.
+            idx: sample index.
 
         Returns:
             The receipt's ``gt_parse``.
+
+        Raises:
+            UsageError: the row's ``ground_truth`` is not CORD-v2 JSON.
         """
-        i = self._index(idx)
-        raw = self._truths[i]["ground_truth"]
+        record = self.source.read(self.record_index(idx))
         try:
-            truth = json.loads(raw)
-            parse = truth["gt_parse"]
-        except (TypeError, ValueError, KeyError) as exc:
+            return _parse_truth(record["ground_truth"])
+        except BadSampleError as exc:
             raise UsageError(
-                f"{self.source} row {i}: ground_truth is not JSON with a 'gt_parse' object "
-                f"({type(exc).__name__}: {exc}); regenerate the data or fix that row."
+                f"{self.location(idx)}: {exc}; regenerate the data or fix that row."
             ) from None
-        if not isinstance(parse, dict):
-            raise UsageError(
-                f"{self.source} row {i}: ground_truth['gt_parse'] is a "
-                f"{type(parse).__name__}, expected an object; regenerate the data or fix that row."
-            )
-        return parse
 
     def target(self, idx: int) -> str:
         """Return the assistant answer for one receipt, without decoding its image.
 
         Args:
-            idx: row index.
+            idx: sample index.
 
         Returns:
             ``gt_parse`` as JSON or Donut tokens, per ``target_format``.
         """
-        parse = self.gt_parse(idx)
-        return gt_parse_to_json(parse) if self.target_format == "json" else gt_parse_to_donut(parse)
+        return self._serialise(self.gt_parse(idx))
 
     def image(self, idx: int) -> Image.Image:
         """Decode one receipt image as RGB, fitted within ``image_size`` when that is set.
 
         Args:
-            idx: row index.
+            idx: sample index.
 
         Returns:
             The RGB image.
         """
-        i = self._index(idx)
-        image = self._images[i]["image"]
-        if not isinstance(image, Image.Image):
-            raise UsageError(f"{self.source} row {i}: the image column holds no decodable image.")
-        image = image.convert("RGB")
-        if self.image_size is not None:
-            width, height = image.size
-            scale = self.image_size / max(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            if size != image.size:
-                image = image.resize(size, Image.Resampling.BICUBIC)
-        return image
+        record = self.source.read(self.record_index(idx))
+        try:
+            return load_image(self.image_ref(record["image"]), self.image_size)
+        except BadSampleError as exc:
+            raise UsageError(f"{self.location(idx)}: {exc}.") from None
 
-    def __getitem__(self, idx: int) -> dict[str, list[dict[str, Any]]]:
-        return {
-            "conversation": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "image": self.image(idx)},
-                        {"type": "text", "text": self.prompt},
-                    ],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": self.target(idx)}]},
-            ]
-        }
+
+def _parse_truth(raw: Any) -> dict[str, Any]:
+    try:
+        parse = json.loads(raw)["gt_parse"]
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BadSampleError(
+            f"ground_truth is not JSON with a 'gt_parse' object ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(parse, dict):
+        raise BadSampleError(
+            f"ground_truth['gt_parse'] is a {type(parse).__name__}, expected an object"
+        )
+    return parse
 
 
 def make_cord_v2_dataset(
@@ -190,6 +183,8 @@ def make_cord_v2_dataset(
     target_format: str = "json",
     image_size: int | None = None,
     limit: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
 ) -> CordV2Dataset:
     """Build the CORD-v2 receipt-parsing dataset as user/assistant conversations.
 
@@ -198,7 +193,8 @@ def make_cord_v2_dataset(
     ``target_format``. Images are decoded lazily, one per ``__getitem__``.
 
     Args:
-        path_or_dataset: hub id, local folder in the hub layout (``data/<split>-*.parquet``), or
+        path_or_dataset: hub id; a local folder in the hub layout (``data/<split>-*.parquet``) or
+            saved with ``save_to_disk``; a ``.parquet`` / ``.arrow`` file (read as ``train``); or
             an already loaded ``datasets.Dataset``/``DatasetDict``.
         split: split to read (``train``, ``validation`` or ``test`` for CORD-v2); slicing such
             as ``train[:100]`` works as in ``datasets.load_dataset``.
@@ -207,6 +203,9 @@ def make_cord_v2_dataset(
         image_size: when set, images are resized to fit within ``image_size`` x ``image_size``,
             keeping their aspect ratio.
         limit: keep only the first ``limit`` rows.
+        val_fraction: hold out this seeded share of the ``train`` rows; ``split`` (``train`` or
+            ``validation``) picks the side.
+        seed: the hold-out permutation's seed.
 
     Returns:
         A map-style ``torch.utils.data.Dataset``.
@@ -220,118 +219,38 @@ def make_cord_v2_dataset(
             f"CORD-v2 target_format {target_format!r} is unknown; use one of "
             f"{', '.join(TARGET_FORMATS)}."
         )
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise UsageError(f"CORD-v2 image_size={image_size!r} must be a positive integer or null.")
+    check_image_size(image_size, "CORD-v2")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise UsageError(f"CORD-v2 limit={limit!r} must be a positive integer or null.")
-
-    rows, source = _load_split(path_or_dataset, split)
-    missing = [column for column in REQUIRED_COLUMNS if column not in rows.column_names]
-    if missing:
-        raise UsageError(
-            f"{source} has no {' or '.join(repr(c) for c in missing)} column (columns: "
-            f"{', '.join(rows.column_names)}); CORD-v2 data needs image and ground_truth columns."
-        )
-    rows = _decodable_images(rows, source)
-    if limit is not None and limit < rows.num_rows:
-        rows = rows.select(range(limit))
-    return CordV2Dataset(rows, prompt, target_format, image_size, source)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
-
-
-def _load_split(
-    path_or_dataset: str | os.PathLike[str] | datasets.Dataset | datasets.DatasetDict, split: str
-) -> tuple[datasets.Dataset, str]:
-    """Load one split and name its source for messages; map every failure to a UsageError."""
-    if isinstance(path_or_dataset, datasets.Dataset):
-        return path_or_dataset, "the given CORD-v2 dataset"
-    if isinstance(path_or_dataset, datasets.DatasetDict):
-        if split not in path_or_dataset:
-            raise UsageError(
-                f"CORD-v2 split {split!r} not found in the given DatasetDict; available splits: "
-                f"{', '.join(path_or_dataset)}."
-            )
-        return path_or_dataset[split], f"the given CORD-v2 dataset, split {split!r}"
-
-    path = os.fspath(path_or_dataset)
-    local = is_local_path(path)
-    if local:
-        path = os.path.expanduser(path)
-        if not os.path.isdir(path):
+    if isinstance(path_or_dataset, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(path_or_dataset))
+        if is_local_path(path) and not os.path.exists(path):
             raise UsageError(
                 f"CORD-v2 dataset folder {path!r} does not exist; pass {_LOCAL_HINT}, or the hub "
                 f"id {HUB_ID!r}."
             )
-    source = f"CORD-v2 dataset {path!r}, split {split!r}"
-    try:
-        rows = _load_rows(path, split, local)
-    except ValueError as exc:
-        if "Unknown split" not in str(exc):
-            raise _load_error(path, local, exc) from exc
-        available = _split_names(path, exc)
+    source = open_records(path_or_dataset, split, "CORD-v2 dataset", val_fraction is not None)
+    fields = source.fields() or []
+    missing = [column for column in REQUIRED_COLUMNS if column not in fields]
+    if missing:
         raise UsageError(
-            f"CORD-v2 split {split!r} not found in {path!r}; available splits: {available}. "
-            "Set split to one of them."
-        ) from None
-    except Exception as exc:  # any loader failure is a data/network problem
-        raise _load_error(path, local, exc) from exc
-    if not isinstance(rows, datasets.Dataset):
-        raise UsageError(f"{source} did not load as one table; name a single split.")
-    return rows, source
-
-
-def _load_rows(path: str, split: str, local: bool) -> datasets.Dataset:
-    """``load_dataset`` for a hub id; for a folder, its packaged builder with absolute file paths.
-
-    ``load_dataset(folder)`` keys its Arrow cache on the folder's name and its README config,
-    not on the files: two different folders both named ``receipts`` would share one cache entry
-    and the second would silently load the first one's rows. Resolving the folder's data files
-    first and loading them through the file-type builder (parquet, json ...) keys the cache on
-    the files themselves.
-    """
-    if not local:
-        return datasets.load_dataset(path, split=split)
-    builder = datasets.load_dataset_builder(path)
-    files = dict(builder.config.data_files or {})
-    return datasets.load_dataset(builder.name, data_files=files, split=split)
-
-
-def _load_error(path: str, local: bool, exc: BaseException) -> UsageError:
-    if local:
-        return UsageError(
-            f"Could not load CORD-v2 folder {path!r} ({_one_line(exc)}); it should be {_LOCAL_HINT}."
+            f"{source.name} has no {' or '.join(repr(c) for c in missing)} column (columns: "
+            f"{', '.join(fields)}); CORD-v2 data needs image and ground_truth columns."
         )
-    return UsageError(
-        f"Could not load dataset {path!r} from the Hugging Face Hub ({_one_line(exc)}); check the "
-        f"network and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE, or pass a local path to {_LOCAL_HINT}."
-    )
+    assert isinstance(source, ArrowSource)
+    source.rows = _image_column(source.rows, source.name)
+    indices = select_indices(source, split, val_fraction, seed, limit, "CORD-v2")
+    return CordV2Dataset(source, indices, prompt, target_format, image_size)
 
 
-def _split_names(path: str, exc: ValueError) -> str:
-    """List the splits that exist, from the builder's data files or else from the error text."""
-    try:
-        builder = datasets.load_dataset_builder(path)
-        names = list(builder.info.splits or {}) or list(builder.config.data_files or {})
-    except Exception:  # noqa: BLE001 - only used to word a message
-        names = []
-    if not names:
-        match = re.search(r"one of \[([^\]]*)\]", str(exc))
-        names = [n.strip(" '\"") for n in match.group(1).split(",")] if match else []
-    return ", ".join(names) if names else "(none found)"
-
-
-def _decodable_images(rows: datasets.Dataset, source: str) -> datasets.Dataset:
-    """Make the image column a decoding ``datasets.Image`` feature (decoded per row access)."""
+def _image_column(rows: datasets.Dataset, name: str) -> datasets.Dataset:
+    """Make a raw image column (bytes or paths) an undecoded ``datasets.Image`` feature."""
     feature = rows.features["image"]
-    if isinstance(feature, datasets.Image) and feature.decode:
+    if isinstance(feature, datasets.Image):
         return rows
     try:
-        return rows.cast_column("image", datasets.Image(decode=True))
+        return rows.cast_column("image", datasets.Image(decode=False))
     except Exception as exc:  # noqa: BLE001 - reported as a data problem
         raise UsageError(
-            f"{source}: the image column ({feature}) cannot be read as images ({_one_line(exc)})."
+            f"{name}: the image column ({feature}) cannot be read as images ({one_line(exc)})."
         ) from None
