@@ -1,15 +1,22 @@
-"""What a run reports: a console line per log step and JSON lines on disk."""
+"""What a run reports: a progress bar, a console line per log step, JSON lines on disk, and the
+metrics sinks (TensorBoard, W&B, MLflow)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import torch
+
+TRAINING_LOG = "training.jsonl"
+VALIDATION_LOG = "validation.jsonl"
 
 
 def is_rank_zero() -> bool:
@@ -30,27 +37,124 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss_kb / 2**20
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn last line (a killed writer) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_log(path: str | Path, last_step: int) -> None:
+    """Keeps the records up to ``last_step``: a resumed run rewrites what came after.
+
+    ``last_step`` 0 (a fresh run) removes the file.
+    """
+    path = Path(path)
+    if not last_step:
+        path.unlink(missing_ok=True)
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+
+
+class ProgressBar:
+    """A tqdm bar on a terminal; nothing otherwise (logs then hold only the plain lines).
+
+    Args:
+        total: steps in the run.
+        initial: the step a resumed run starts from.
+        stream: where the bar and the lines go (stdout by default).
+    """
+
+    def __init__(self, total: int, initial: int = 0, stream: IO[str] | None = None):
+        self.stream = stream or sys.stdout
+        self.bar = None
+        if is_rank_zero() and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True
+            )
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the bar, e.g. the latest loss."""
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
+    def write(self, line: str) -> None:
+        """A line printed above the bar (or plainly, without one)."""
+        if not is_rank_zero():
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class MetricsLogger:
-    """Writes ``training.jsonl`` / ``validation.jsonl`` under ``out_dir`` and prints a line.
+    """Writes ``training.jsonl`` / ``validation.jsonl`` under ``out_dir``, prints a line per log
+    step above the progress bar, and forwards every record to the sinks.
 
     Args:
         out_dir: the run's checkpoint directory.
         total_steps: for the ``step/total`` display and the ETA.
+        start_step: the step a resumed run continues from (0 for a fresh run); records after it
+            are removed from the JSON lines, so a resumed run neither duplicates nor loses steps.
+        sinks: objects with ``log(metrics, step)`` and ``close()``.
     """
 
-    def __init__(self, out_dir: str | Path, total_steps: int):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        total_steps: int,
+        start_step: int = 0,
+        sinks: Sequence[Any] = (),
+    ):
         self.out_dir = Path(out_dir)
         self.total_steps = total_steps
         self.start = time.perf_counter()
-        self.start_step = 0
+        self.start_step = start_step
+        self.sinks = list(sinks)
+        if is_rank_zero():
+            truncate_log(self.out_dir / TRAINING_LOG, start_step)
+            truncate_log(self.out_dir / VALIDATION_LOG, start_step)
+        self.progress = ProgressBar(total_steps, start_step)
 
     def _append(self, name: str, record: dict) -> None:
         if is_rank_zero():
             with open(self.out_dir / name, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _forward(self, prefix: str, metrics: dict, step: int) -> None:
+        if is_rank_zero():
+            scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+            for sink in self.sinks:
+                sink.log(scalars, step)
+
+    def advance(self) -> None:
+        """Moves the progress bar one step."""
+        self.progress.update(1)
+
     def log_train(self, step: int, metrics: dict) -> None:
-        self._append("training.jsonl", {"step": step, **metrics})
+        self._append(TRAINING_LOG, {"step": step, **metrics})
+        self._forward("train", metrics, step)
         elapsed = time.perf_counter() - self.start
         done = max(1, step - self.start_step)
         eta = elapsed / done * (self.total_steps - step)
@@ -61,17 +165,32 @@ class MetricsLogger:
         parts.append(f"images/s {metrics['images_per_s']:.1f}")
         parts.append(f"mem {metrics['peak_memory_gb']:.2f}GB")
         parts.append(f"eta {_duration(eta)}")
-        print0(" | ".join(parts))
+        if metrics.get("skipped_steps"):
+            parts.append(f"skipped {metrics['skipped_steps']}")
+        self.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        self.progress.write(" | ".join(parts))
 
     def log_validation(self, step: int, metrics: dict) -> None:
-        self._append("validation.jsonl", {"step": step, **metrics})
-        print0(
+        self._append(VALIDATION_LOG, {"step": step, **metrics})
+        self._forward("validation", metrics, step)
+        self.progress.write(
             f"validation step {step}: val_loss {metrics['val_loss']:.4f} "
             f"({metrics['val_tokens']} label tokens)"
         )
 
+    def write(self, line: str) -> None:
+        """A message printed above the progress bar."""
+        self.progress.write(line)
+
+    def close(self) -> None:
+        self.progress.close()
+        for sink in self.sinks:
+            sink.close()
+
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

@@ -12,6 +12,9 @@ import torch
 class StatefulRNG:
     """Seeds Python, NumPy and torch (CPU and CUDA) once, at construction.
 
+    ``state_dict()`` holds only tensors, ints, floats, strings and tuples, so a checkpoint of it
+    loads with ``torch.load(..., weights_only=True)``.
+
     Args:
         seed: the base seed.
         ranked: add the data-parallel rank to the seed, so ranks draw different dropout masks.
@@ -25,9 +28,17 @@ class StatefulRNG:
         torch.manual_seed(self.seed)
 
     def state_dict(self) -> dict:
+        numpy_state = np.random.get_state(legacy=False)
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            # NumPy's key is a uint32 array; as an int64 tensor it passes weights_only loading.
+            "numpy": {
+                "bit_generator": numpy_state["bit_generator"],
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                "pos": int(numpy_state["state"]["pos"]),
+                "has_gauss": int(numpy_state["has_gauss"]),
+                "gauss": float(numpy_state["gauss"]),
+            },
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -35,8 +46,20 @@ class StatefulRNG:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        numpy_state = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": numpy_state["bit_generator"],
+                "state": {
+                    "key": numpy_state["key"].numpy().astype(np.uint32),
+                    "pos": numpy_state["pos"],
+                },
+                "has_gauss": numpy_state["has_gauss"],
+                "gauss": numpy_state["gauss"],
+            }
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
