@@ -22,6 +22,22 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``tiny_family(name)``: the folder of that family's tiny twin, built once per session."""
+    from automodel.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_tiny(family, root / family, seed=0)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def receipts(tmp_path_factory) -> Path:
     from automodel.datasets.vlm import make_receipts
 
@@ -41,6 +57,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         timeout=timeout,
         check=False,
     )
+
+
+def start_cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Starts ``python -m automodel ARGS`` without waiting (to signal or kill it mid-run).
+
+    Its stdout and stderr go to the file ``log`` (a pipe nobody reads could fill and block it).
+    """
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "automodel", *map(str, args)],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:

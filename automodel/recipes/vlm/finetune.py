@@ -2,7 +2,8 @@
 
 ``setup()`` is the only code that reads the config; it builds every component through a
 ``build_*`` call. ``train()`` is the loop: batches -> forward -> loss -> backward -> step ->
-log / validate, then ``final_model``.
+log / validate / checkpoint, then ``final_model``. Rerunning the same command continues from the
+newest step checkpoint, to the same result as a run never interrupted.
 """
 
 from __future__ import annotations
@@ -16,20 +17,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from automodel.config.compat import DEFAULT_COLLATE, translate_seed_layout
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import dump_yaml
 from automodel.config.validate import Schema, validate_config
+from automodel.datasets.checks import screen_dataset
 from automodel.errors import UsageError
+from automodel.eval.periodic import build_periodic_evaluator
 from automodel.generation import generate_reply, prompt_messages, reply_text
 from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.auto import load_processor
 from automodel.models.forward import label_logits
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
-from automodel.training.checkpoint import check_writable, save_config, save_hf_folder
+from automodel.training.checkpoint import (
+    CheckpointManager,
+    changed_keys,
+    check_writable,
+    load_model_weights,
+    load_saved_config,
+    read_meta,
+    save_config,
+    save_hf_folder,
+)
+from automodel.training.guards import NonFiniteGuard
+from automodel.training.loggers import build_sinks, check_installed
 from automodel.training.metrics import MetricsLogger, peak_memory_gb, print0
+from automodel.training.plot import plot_losses
 from automodel.training.schedule import build_lr_scheduler
+from automodel.training.signals import RunStopped, StopOnSigterm, stop_reason
+from automodel.training.state import collect_state, load_train_state, restore_state
 
 SCHEMA = Schema(
     targets={
@@ -41,6 +59,7 @@ SCHEMA = Schema(
         "validation_dataloader": False,
         "optimizer": False,
         "loss_fn": False,
+        "vision_loss": False,
         "rng": False,
     },
     plain={
@@ -53,6 +72,8 @@ SCHEMA = Schema(
             "val_every_steps": (int, type(None)),
             "val_batches": (int, type(None)),
             "ckpt_every_steps": (int, type(None)),
+            "max_consecutive_nonfinite": int,
+            "eval_every_steps": (int, type(None)),
         },
         "lr_scheduler": {
             "lr_warmup_steps": (int, float),
@@ -72,8 +93,38 @@ SCHEMA = Schema(
             "checkpoint_dir": str,
             "model_save_format": str,
             "save_consolidated": bool,
+            "keep_last_n": (int, type(None)),
+            "restore_from": (str, type(None)),
+        },
+        "wandb": {
+            "project": (str, type(None)),
+            "entity": (str, type(None)),
+            "name": (str, type(None)),
+            "save_dir": (str, type(None)),
+            "group": (str, type(None)),
+            "tags": (list, type(None)),
+            "notes": (str, type(None)),
+            "mode": (str, type(None)),
+            "id": (str, type(None)),
+            "resume": (str, type(None)),
+        },
+        "mlflow": {
+            "experiment_name": (str, type(None)),
+            "run_name": (str, type(None)),
+            "tracking_uri": (str, type(None)),
+            "artifact_location": (str, type(None)),
+            "tags": (dict, type(None)),
         },
         "preview": {"num_samples": int, "max_new_tokens": int},
+        "eval": {
+            "metrics": (list, str, type(None)),
+            "max_samples": int,
+            "batch_size": int,
+            "max_new_tokens": int,
+            "best_metric": (str, type(None)),
+            "gallery_size": int,
+        },
+        "data_check": {"on_bad_sample": str, "max_bad_fraction": float},
     },
     noticed={
         "dist_env": "dist_env is accepted and ignored: this run uses one process",
@@ -86,14 +137,29 @@ DEFAULTS = {
     "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader"},
     "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.01},
     "loss_fn": {"_target_": "automodel.loss.MaskedCrossEntropy"},
+    "vision_loss": {"_target_": "automodel.loss.alignment.ImageTextAlignmentLoss", "weight": 0.0},
     "rng": {"_target_": "automodel.training.rng.StatefulRNG", "seed": 42},
-    "step_scheduler": {"global_batch_size": 8, "local_batch_size": 1, "log_every_steps": 1},
+    "step_scheduler": {
+        "global_batch_size": 8,
+        "local_batch_size": 1,
+        "log_every_steps": 1,
+        "max_consecutive_nonfinite": 5,
+    },
     "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
     "freeze_config": {"freeze_vision_tower": True},
     "clip_grad_norm": {"max_norm": 1.0},
     "precision": {"autocast": "auto"},
-    "checkpoint": {"checkpoint_dir": "checkpoints"},
+    "checkpoint": {"enabled": True, "checkpoint_dir": "checkpoints", "keep_last_n": None},
     "preview": {"num_samples": 0, "max_new_tokens": 128},
+    "eval": {
+        "metrics": None,
+        "max_samples": 32,
+        "batch_size": 8,
+        "max_new_tokens": 256,
+        "best_metric": None,
+        "gallery_size": 8,
+    },
+    "data_check": {"on_bad_sample": "error", "max_bad_fraction": 0.1},
 }
 
 
@@ -115,11 +181,7 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
     collate = resolved["dataloader"].setdefault("collate_fn", {"_target_": DEFAULT_COLLATE})
     collate.setdefault("_target_", DEFAULT_COLLATE)
     notices = validate_config(resolved, SCHEMA)
-    if resolved["step_scheduler"].get("ckpt_every_steps"):
-        notices.append(
-            "note: step_scheduler.ckpt_every_steps is accepted, but this version writes only "
-            "final_model at the end of the run"
-        )
+    check_installed(resolved)
     return resolved, notices
 
 
@@ -137,6 +199,8 @@ class FinetuneRecipeForVLM:
             print0(notice)
         self.extra_prefixes = tuple(cfg.get("allowed_target_prefixes") or ())
         self.out_dir = check_writable(cfg["checkpoint"]["checkpoint_dir"])
+        self.checkpoints = self.build_checkpoints(cfg["checkpoint"])
+        self.resume_dir = self.checkpoints.find_resume(cfg["checkpoint"].get("restore_from"))
         save_config(cfg, self.out_dir)
         self.rng = self.build("rng")
         self.run_prepare(cfg.get("prepare") or [])
@@ -147,14 +211,15 @@ class FinetuneRecipeForVLM:
         self.collate = self.build_collate(cfg["dataloader"]["collate_fn"])
         steps = cfg["step_scheduler"]
         self.local_batch_size = steps["local_batch_size"]
-        self.grad_accum = self.build_grad_accum(steps)
-        self.train_dataset = self.build("dataset")
+        self.dp_size = 1  # data-parallel ranks: one process in this version
+        self.grad_accum = self.build_grad_accum(steps, self.dp_size)
+        self.train_dataset = self.build_dataset("dataset")
         self.train_loader = self.build_dataloader(
             cfg["dataloader"], self.train_dataset, shuffle=True
         )
         self.val_loader = None
         if cfg.get("validation_dataset"):
-            self.val_dataset = self.build("validation_dataset")
+            self.val_dataset = self.build_dataset("validation_dataset")
             loader_cfg = cfg.get("validation_dataloader") or cfg["dataloader"]
             self.val_loader = self.build_dataloader(loader_cfg, self.val_dataset, shuffle=False)
         self.max_steps = self.build_max_steps(steps, len(self.train_dataset))
@@ -165,13 +230,32 @@ class FinetuneRecipeForVLM:
             self.optimizer, self.max_steps, **cfg["lr_scheduler"]
         )
         self.loss_fn = self.build("loss_fn")
+        self.vision_loss = self.build("vision_loss", self.model)  # weight 0: loss unchanged
         self.autocast_dtype = self.build_autocast(cfg["precision"]["autocast"])
-        self.logger = MetricsLogger(self.out_dir, self.max_steps)
+        self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
+        self.step, self.epoch, self.dropped_samples = 0, 0, 0
+        self.window = self.new_window()
+        start = read_meta(self.resume_dir)["step"] if self.resume_dir else 0
+        sinks = build_sinks(cfg, self.out_dir, start)
+        self.logger = MetricsLogger(self.out_dir, self.max_steps, start, sinks)
+        self.evaluator = build_periodic_evaluator(
+            cfg["eval"],
+            steps.get("eval_every_steps"),
+            self.processor,
+            getattr(self, "val_dataset", None),
+            self.out_dir,
+            self.logger,
+            start,
+        )
 
     def build(self, section: str, *args: Any, **kwargs: Any) -> Any:
         return instantiate(
             self.cfg[section], *args, where=section, extra_prefixes=self.extra_prefixes, **kwargs
         )
+
+    def build_dataset(self, section: str):
+        """The section's dataset, scanned for bad samples before the first step (data_check)."""
+        return screen_dataset(self.build(section), section, self.out_dir, **self.cfg["data_check"])
 
     def run_prepare(self, steps: list) -> None:
         """Runs the config's ``prepare`` targets (e.g. building a tiny model or a dataset)."""
@@ -201,22 +285,33 @@ class FinetuneRecipeForVLM:
         kwargs = {k: v for k, v in collate_cfg.items() if k != "_target_"}
         return functools.partial(fn, processor=self.processor, **kwargs)
 
-    def build_grad_accum(self, steps: dict) -> int:
+    def build_checkpoints(self, ckpt_cfg: dict) -> CheckpointManager:
+        return CheckpointManager(
+            self.out_dir, ckpt_cfg.get("keep_last_n"), ckpt_cfg.get("enabled", True)
+        )
+
+    def build_grad_accum(self, steps: dict, dp_size: int) -> int:
+        """Micro-batches per optimizer step: global / (local x data-parallel ranks)."""
         global_bs, local_bs = steps["global_batch_size"], steps["local_batch_size"]
-        if global_bs % local_bs:
+        if global_bs % (local_bs * dp_size):
             raise UsageError(
                 f"step_scheduler.global_batch_size={global_bs} must be a multiple of "
-                f"local_batch_size={local_bs}"
+                f"local_batch_size={local_bs} x {dp_size} data-parallel ranks"
             )
-        return global_bs // local_bs
+        return global_bs // (local_bs * dp_size)
 
     def build_dataloader(self, loader_cfg: dict, dataset, shuffle: bool):
         node = {k: v for k, v in loader_cfg.items() if k != "collate_fn"}
         node.setdefault("_target_", DEFAULTS["dataloader"]["_target_"])
-        node.setdefault("shuffle", shuffle)
+        if node.pop("shuffle", shuffle):
+            # The sampler shuffles with a generator of its own, whose state the loader's
+            # state_dict saves. Sharing the loader's generator (which also draws worker seeds)
+            # made a resumed run shuffle the following epochs differently.
+            order = torch.Generator().manual_seed(self.rng.seed)
+            node["sampler"] = RandomSampler(dataset, generator=order)
         if not torch.cuda.is_available():
             node["pin_memory"] = False
-        generator = torch.Generator().manual_seed(self.rng.seed)
+        generator = torch.Generator().manual_seed(self.rng.seed + 1)
         return instantiate(
             node,
             dataset,
@@ -247,8 +342,11 @@ class FinetuneRecipeForVLM:
 
     # ----------------------------------------------------------------------------- training
     def batches(self, loader) -> Iterator[dict]:
-        """Endless batches, epoch after epoch; batches whose samples were all dropped are skipped."""
-        epoch = 0
+        """Endless batches, epoch after epoch; batches whose samples were all dropped are skipped.
+
+        A loader restored at the end of an epoch yields nothing once, then the next epoch.
+        """
+        resumed = self.step > 0
         while True:
             produced = False
             for batch in loader:
@@ -256,14 +354,15 @@ class FinetuneRecipeForVLM:
                     continue
                 for name, why in batch.pop("dropped", []):
                     self.dropped_samples += 1
-                    print0(f"dropped sample {name}: {why}")
+                    self.logger.write(f"dropped sample {name}: {why}")
                 produced = True
                 yield batch
-            if not produced:
+            if not produced and not resumed:
                 raise UsageError(
                     "the training dataset yields no usable sample (see dropped samples above)"
                 )
-            epoch += 1
+            resumed = False
+            self.epoch += 1
 
     def to_device(self, batch: dict) -> dict:
         dtype = next(self.model.parameters()).dtype
@@ -279,68 +378,148 @@ class FinetuneRecipeForVLM:
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled):
             logits, targets = label_logits(self.model, batch, labels)
-        return self.loss_fn(logits, targets, num_label_tokens)
+        loss = self.loss_fn(logits, targets, num_label_tokens)
+        return self.vision_loss(loss, batch, labels, num_label_tokens)
 
     def train(self) -> Path:
-        steps = self.cfg["step_scheduler"]
-        log_every = steps["log_every_steps"]
-        val_every = steps.get("val_every_steps")
-        max_norm = self.cfg["clip_grad_norm"]["max_norm"]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.dropped_samples = 0
-        train_batches = self.batches(self.train_loader)
-        if self.val_loader is not None:
-            self.logger.log_validation(0, self.validate())
+        """Runs the remaining steps, then writes ``final_model`` and ``loss.png``.
 
-        self.set_train_mode()
-        window = {"loss": torch.zeros((), device=self.device), "tokens": 0, "images": 0}
-        window_start = time.perf_counter()
-        for step in range(1, self.max_steps + 1):
-            micro = [self.to_device(next(train_batches)) for _ in range(self.grad_accum)]
-            num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
-            for mb in micro:
-                window["tokens"] += mb["attention_mask"].sum()
-                window["images"] += mb.get("pixel_values", torch.empty(0)).shape[0]
-                loss = self.forward_loss(mb, num_label_tokens)
-                loss.backward()
-                window["loss"] += loss.detach()
-            if max_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            if step % log_every == 0 or step == self.max_steps:
-                # The only host syncs of the loop happen here, once per log step.
-                seconds = time.perf_counter() - window_start
-                steps_in_window = (step - 1) % log_every + 1
-                self.logger.log_train(
-                    step,
-                    {
-                        "loss": float(window["loss"]) / steps_in_window,
-                        "lr": self.lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": float(window["tokens"]) / seconds,
-                        "images_per_s": float(window["images"]) / seconds,
-                        "peak_memory_gb": peak_memory_gb(self.device),
-                    },
-                )
-                window = {"loss": torch.zeros((), device=self.device), "tokens": 0, "images": 0}
-                window_start = time.perf_counter()
-            if self.val_loader is not None and val_every and step % val_every == 0:
-                self.logger.log_validation(step, self.validate())
-                self.set_train_mode()
-
-        if self.val_loader is not None and not (val_every and self.max_steps % val_every == 0):
-            self.logger.log_validation(self.max_steps, self.validate())
+        Raises:
+            RunStopped: SIGTERM, too many non-finite steps in a row, or a failed checkpoint save.
+        """
+        if self.resume_dir is not None:
+            # Here rather than in setup(): nothing may draw random numbers after the restore.
+            self.restore(self.resume_dir)
+        try:
+            with StopOnSigterm() as sigterm:
+                self.train_steps(sigterm)
+        finally:
+            self.logger.close()
         if self.dropped_samples:
             print0(f"{self.dropped_samples} samples were dropped during training (reasons above)")
+        if self.guard.skipped_steps:
+            print0(f"{self.guard.skipped_steps} steps were skipped (non-finite loss or grad norm)")
         final = save_hf_folder(self.model, self.processor, self.out_dir / "final_model")
         print0(f"saved {final}")
+        picture = plot_losses(self.out_dir)
+        if picture is not None:
+            print0(f"saved {picture}")
         self.preview()
         return final
+
+    def train_steps(self, sigterm: StopOnSigterm) -> None:
+        steps = self.cfg["step_scheduler"]
+        log_every, val_every = steps["log_every_steps"], steps.get("val_every_steps")
+        ckpt_every = steps.get("ckpt_every_steps")
+        max_norm = self.cfg["clip_grad_norm"]["max_norm"] or float("inf")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        train_batches = self.batches(self.train_loader)
+        if self.val_loader is not None and self.step == 0:
+            self.validate_and_log(0)
+
+        self.set_train_mode()
+        window_start = time.perf_counter()
+        while self.step < self.max_steps:
+            self.step += 1
+            step = self.step
+            micro = [self.to_device(next(train_batches)) for _ in range(self.grad_accum)]
+            num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
+            step_loss = torch.zeros((), device=self.device)
+            for mb in micro:
+                self.window["tokens"] += mb["attention_mask"].sum()
+                self.window["images"] += mb.get("pixel_values", torch.empty(0)).shape[0]
+                loss = self.forward_loss(mb, num_label_tokens)
+                loss.backward()
+                step_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if self.guard.check(step_loss, grad_norm):
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.window["loss"] += step_loss
+                self.window["steps"] += 1
+            else:
+                self.logger.write(f"step {step}: non-finite loss or grad norm, update skipped")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.logger.advance()
+
+            if step % log_every == 0 or step == self.max_steps:
+                self.log_window(step, grad_norm, time.perf_counter() - window_start)
+                window_start = time.perf_counter()
+            val_loss = None
+            if self.val_loader is not None and (
+                step == self.max_steps or (val_every and step % val_every == 0)
+            ):
+                val_loss = self.validate_and_log(step)
+            if self.evaluator is not None and self.evaluator.due(step):
+                self.evaluator.run(self.model, step)
+                self.set_train_mode()
+            stop = stop_reason(sigterm, self.guard)
+            if stop or (ckpt_every and (step % ckpt_every == 0 or step == self.max_steps)):
+                saved = self.checkpoints.save(
+                    step, self.model, self.train_state(), self.cfg, val_loss
+                )
+                if saved is not None:
+                    self.logger.write(f"saved checkpoint {saved}")
+            if stop:
+                hint = self.checkpoints.resume_hint(step)
+                raise RunStopped(f"{stop[0]} at step {step}; {hint}", stop[1])
+
+    def new_window(self) -> dict:
+        """Sums over the steps since the last log line."""
+        zero = torch.zeros((), device=self.device)
+        return {"loss": zero, "steps": 0, "tokens": zero.clone(), "images": 0}
+
+    def log_window(self, step: int, grad_norm: torch.Tensor, seconds: float) -> None:
+        # The only host syncs of the loop besides the finiteness check happen here.
+        window = self.window
+        self.logger.log_train(
+            step,
+            {
+                "loss": float(window["loss"]) / window["steps"] if window["steps"] else math.nan,
+                "lr": self.lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": float(window["tokens"]) / seconds,
+                "images_per_s": float(window["images"]) / seconds,
+                "peak_memory_gb": peak_memory_gb(self.device),
+                "skipped_steps": self.guard.skipped_steps,
+                "epoch": self.epoch,
+                **self.vision_loss.metrics(),  # language_loss, vision_loss when weighted
+            },
+        )
+        self.window = self.new_window()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def stateful(self) -> dict[str, Any]:
+        """Everything with a state_dict that a resumed run must get back."""
+        return {
+            "optimizer": self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "dataloader": self.train_loader,
+            "rng": self.rng,
+            "guard": self.guard,
+        }
+
+    def train_state(self) -> dict:
+        return collect_state(
+            self.stateful(),
+            step=self.step,
+            epoch=self.epoch,
+            dropped_samples=self.dropped_samples,
+            window={"loss": self.window["loss"].cpu(), "steps": self.window["steps"]},
+        )
+
+    def restore(self, step_dir: Path) -> None:
+        """Loads weights strictly and the whole training state from a step checkpoint."""
+        load_model_weights(self.model, step_dir)
+        rest = restore_state(self.stateful(), load_train_state(step_dir))
+        self.step, self.epoch = rest["step"], rest["epoch"]
+        self.dropped_samples = rest["dropped_samples"]
+        self.window["loss"] = rest["window"]["loss"].to(self.device)
+        self.window["steps"] = rest["window"]["steps"]
+        print0(f"resuming from {step_dir} at step {self.step}/{self.max_steps}")
+        saved_cfg = load_saved_config(step_dir)
+        for change in changed_keys(saved_cfg, self.cfg):
+            print0(f"note: changed since the checkpoint: {change}")
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -367,6 +546,12 @@ class FinetuneRecipeForVLM:
             total += self.forward_loss(batch, 1).double()
             tokens += n
         return {"val_loss": float(total) / max(1, tokens), "val_tokens": tokens}
+
+    def validate_and_log(self, step: int) -> float:
+        metrics = self.validate()
+        self.logger.log_validation(step, metrics)
+        self.set_train_mode()
+        return metrics["val_loss"]
 
     def preview(self) -> None:
         """Prints the model's reply for the first validation samples next to the reference."""
