@@ -140,7 +140,7 @@ def cmd_validate(args: list[str]) -> int:
         return 0
     config, rest, _ = _split_config_args(args, None)
     from automodel.config.loader import dump_yaml
-    from automodel.recipes.vlm.finetune import resolve_config
+    from automodel.recipes.vlm.config import resolve_config
 
     resolved, notices = resolve_config(_load(config, rest))
     print(dump_yaml(resolved), end="")
@@ -213,7 +213,7 @@ def cmd_data_check(args: list[str]) -> int:
         raise UsageError(f"--max-samples {options['--max-samples']}: give a whole number")
     config, rest, _ = _split_config_args(rest, None)
     from automodel.datasets.data_check import check_config
-    from automodel.recipes.vlm.finetune import resolve_config
+    from automodel.recipes.vlm.config import resolve_config
 
     resolved, _ = resolve_config(_load(config, rest))
     _quiet_libraries()
@@ -351,7 +351,7 @@ def cmd_evaluate(args: list[str]) -> int:
     batch_size = _positive(options, "--batch-size")
     config, rest, _ = _split_config_args(rest, None)
     from automodel.eval.runner import markdown_table, run_evaluation
-    from automodel.recipes.vlm.finetune import resolve_config
+    from automodel.recipes.vlm.config import resolve_config
 
     resolved, _ = resolve_config(_load(config, rest))
     _quiet_libraries()

@@ -9,7 +9,7 @@ from automodel.config.compat import translate_seed_layout
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import apply_overrides, interpolate_env, load_yaml, parse_overrides
 from automodel.errors import UsageError
-from automodel.recipes.vlm.finetune import resolve_config
+from automodel.recipes.vlm.config import resolve_config
 from tests.conftest import ROOT
 
 SEED_YAML = ROOT / "examples/vlm/gemma_3_vl_2b_cord_v2.yaml"

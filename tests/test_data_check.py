@@ -177,7 +177,7 @@ def test_conversation_records_without_a_usable_reply(tmp_path, record, reason):
 
 def test_data_check_report_in_process(tiny_gemma3, tmp_path, monkeypatch, capsys):
     cfg = yaml.safe_load((ROOT / "examples/data/conversation/finetune.yaml").read_text())
-    from automodel.recipes.vlm.finetune import resolve_config
+    from automodel.recipes.vlm.config import resolve_config
 
     cfg.pop("prepare")
     cfg["model"]["pretrained_model_name_or_path"] = str(tiny_gemma3)

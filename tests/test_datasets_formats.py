@@ -255,7 +255,7 @@ def test_every_example_folder_is_small_and_documented():
 
 def test_example_configs_validate():
     from automodel.config.loader import load_config
-    from automodel.recipes.vlm.finetune import resolve_config
+    from automodel.recipes.vlm.config import resolve_config
 
     for fmt in (*FORMATS, "cord_v2"):
         resolved, _ = resolve_config(load_config(EXAMPLES / fmt / "finetune.yaml", []))

@@ -41,6 +41,7 @@ ALIASES = {
         "automodel.loss.MaskedCrossEntropy"
     ),
     "nemo_automodel.components.training.rng.StatefulRNG": "automodel.training.rng.StatefulRNG",
+    "nemo_automodel.components._peft.lora.PeftConfig": "automodel.peft.LoraConfig",
 }
 
 

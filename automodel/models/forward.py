@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from automodel.loss.masked_ce import IGNORE_INDEX
+from automodel.peft.lora import unwrap
 
 
 def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,13 +17,15 @@ def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor
     ``input_ids``; the shift happens here).
 
     Args:
-        model: a transformers ``*ForConditionalGeneration`` VLM (``model.model`` is its base).
+        model: a transformers ``*ForConditionalGeneration`` VLM (``model.model`` is its base),
+            or a PEFT model wrapping one (its LoRA layers live inside the wrapped model).
         batch: the model inputs (``input_ids``, ``attention_mask``, ``pixel_values`` ...).
         labels: ``[B, T]`` target ids, ``-100`` where no loss is taken.
 
     Returns:
         ``logits`` ``[N, V]`` and ``targets`` ``[N]`` for the N labelled positions.
     """
+    model = unwrap(model)
     hidden = model.model(**batch, use_cache=False).last_hidden_state  # [B, T, D]
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from automodel.config.loader import dump_yaml, load_yaml
 from automodel.errors import UsageError
@@ -78,6 +78,23 @@ def save_hf_folder(model, processor, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _adapters_only(model: torch.nn.Module) -> bool:
+    """Under LoRA a step checkpoint holds the adapters: the frozen base comes from its folder."""
+    return hasattr(model, "peft_config")
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """The whole model (in-memory names), or only the trainable adapters of a PEFT model."""
+    if _adapters_only(model):
+        save_file({n: t.contiguous() for n, t in _trainable(model).items()}, str(path))
+    else:
+        save_model(model, str(path))
+
+
 def load_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:
     """Loads a step checkpoint's weights into ``model``; a missing or extra key is an error.
 
@@ -85,8 +102,19 @@ def load_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:
         UsageError: the file does not match the model (another model or another layout).
     """
     path = Path(step_dir) / MODEL_FILE
+    device = str(next(model.parameters()).device)
     try:
-        load_model(model, path, strict=True, device=str(next(model.parameters()).device))
+        if _adapters_only(model):
+            saved, params = load_file(str(path), device=device), _trainable(model)
+            if saved.keys() != params.keys():
+                missing = sorted(params.keys() - saved.keys())[:1]
+                extra = sorted(saved.keys() - params.keys())[:1]
+                raise RuntimeError(f"adapter keys differ (missing {missing}, unexpected {extra})")
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
+            return
+        load_model(model, path, strict=True, device=device)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(
@@ -246,7 +274,7 @@ class CheckpointManager:
             if not is_complete(final):  # complete already: written before a crash, same content
                 shutil.rmtree(final, ignore_errors=True)  # a folder half deleted by pruning
                 tmp.mkdir(parents=True)
-                save_model(model, str(tmp / MODEL_FILE))
+                save_model_weights(model, tmp / MODEL_FILE)
                 _fsync_file(tmp / MODEL_FILE)
                 save_train_state(train_state, tmp)
                 (tmp / "config.yaml").write_text(dump_yaml(cfg))

@@ -8,7 +8,6 @@ newest step checkpoint, to the same result as a run never interrupted.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -19,10 +18,8 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from automodel.config.compat import DEFAULT_COLLATE, translate_seed_layout
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import dump_yaml
-from automodel.config.validate import Schema, validate_config
 from automodel.datasets.checks import screen_dataset
 from automodel.errors import UsageError
 from automodel.eval.periodic import build_periodic_evaluator
@@ -31,6 +28,8 @@ from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.auto import load_processor
 from automodel.models.forward import label_logits
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
+from automodel.peft import apply_lora, is_peft_model, merge
+from automodel.recipes.vlm.config import DEFAULTS, resolve_config
 from automodel.training.checkpoint import (
     CheckpointManager,
     changed_keys,
@@ -42,147 +41,12 @@ from automodel.training.checkpoint import (
     save_hf_folder,
 )
 from automodel.training.guards import NonFiniteGuard
-from automodel.training.loggers import build_sinks, check_installed
+from automodel.training.loggers import build_sinks
 from automodel.training.metrics import MetricsLogger, peak_memory_gb, print0
 from automodel.training.plot import plot_losses
 from automodel.training.schedule import build_lr_scheduler
 from automodel.training.signals import RunStopped, StopOnSigterm, stop_reason
 from automodel.training.state import collect_state, load_train_state, restore_state
-
-SCHEMA = Schema(
-    targets={
-        "model": True,
-        "processor": False,
-        "dataset": True,
-        "validation_dataset": False,
-        "dataloader": False,
-        "validation_dataloader": False,
-        "optimizer": False,
-        "loss_fn": False,
-        "vision_loss": False,
-        "rng": False,
-    },
-    plain={
-        "step_scheduler": {
-            "max_steps": (int, type(None)),
-            "num_epochs": (int, type(None)),
-            "global_batch_size": int,
-            "local_batch_size": int,
-            "log_every_steps": int,
-            "val_every_steps": (int, type(None)),
-            "val_batches": (int, type(None)),
-            "ckpt_every_steps": (int, type(None)),
-            "max_consecutive_nonfinite": int,
-            "eval_every_steps": (int, type(None)),
-        },
-        "lr_scheduler": {
-            "lr_warmup_steps": (int, float),
-            "lr_decay_style": str,
-            "min_lr": float,
-        },
-        "freeze_config": {
-            "freeze_vision_tower": bool,
-            "freeze_projector": bool,
-            "freeze_language_model": bool,
-            "freeze_embeddings": bool,
-        },
-        "clip_grad_norm": {"max_norm": (float, type(None))},
-        "precision": {"autocast": str},
-        "checkpoint": {
-            "enabled": bool,
-            "checkpoint_dir": str,
-            "model_save_format": str,
-            "save_consolidated": bool,
-            "keep_last_n": (int, type(None)),
-            "restore_from": (str, type(None)),
-        },
-        "wandb": {
-            "project": (str, type(None)),
-            "entity": (str, type(None)),
-            "name": (str, type(None)),
-            "save_dir": (str, type(None)),
-            "group": (str, type(None)),
-            "tags": (list, type(None)),
-            "notes": (str, type(None)),
-            "mode": (str, type(None)),
-            "id": (str, type(None)),
-            "resume": (str, type(None)),
-        },
-        "mlflow": {
-            "experiment_name": (str, type(None)),
-            "run_name": (str, type(None)),
-            "tracking_uri": (str, type(None)),
-            "artifact_location": (str, type(None)),
-            "tags": (dict, type(None)),
-        },
-        "preview": {"num_samples": int, "max_new_tokens": int},
-        "eval": {
-            "metrics": (list, str, type(None)),
-            "max_samples": int,
-            "batch_size": int,
-            "max_new_tokens": int,
-            "best_metric": (str, type(None)),
-            "gallery_size": int,
-        },
-        "data_check": {"on_bad_sample": str, "max_bad_fraction": float},
-    },
-    noticed={
-        "dist_env": "dist_env is accepted and ignored: this run uses one process",
-        "distributed": "distributed is accepted and ignored: this run uses one process",
-    },
-    top_level={"allowed_target_prefixes": list, "prepare": list},
-)
-
-DEFAULTS = {
-    "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader"},
-    "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.01},
-    "loss_fn": {"_target_": "automodel.loss.MaskedCrossEntropy"},
-    "vision_loss": {"_target_": "automodel.loss.alignment.ImageTextAlignmentLoss", "weight": 0.0},
-    "rng": {"_target_": "automodel.training.rng.StatefulRNG", "seed": 42},
-    "step_scheduler": {
-        "global_batch_size": 8,
-        "local_batch_size": 1,
-        "log_every_steps": 1,
-        "max_consecutive_nonfinite": 5,
-    },
-    "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
-    "freeze_config": {"freeze_vision_tower": True},
-    "clip_grad_norm": {"max_norm": 1.0},
-    "precision": {"autocast": "auto"},
-    "checkpoint": {"enabled": True, "checkpoint_dir": "checkpoints", "keep_last_n": None},
-    "preview": {"num_samples": 0, "max_new_tokens": 128},
-    "eval": {
-        "metrics": None,
-        "max_samples": 32,
-        "batch_size": 8,
-        "max_new_tokens": 256,
-        "best_metric": None,
-        "gallery_size": 8,
-    },
-    "data_check": {"on_bad_sample": "error", "max_bad_fraction": 0.1},
-}
-
-
-def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
-    """Translates the tutorial's layout, fills defaults and validates.
-
-    Returns:
-        The resolved config and the notices to print.
-    """
-    if cfg.get("peft"):
-        raise UsageError("peft: LoRA is not available in this version; remove the peft section")
-    resolved = translate_seed_layout(copy.deepcopy(cfg))
-    for section, defaults in DEFAULTS.items():
-        node = resolved.setdefault(section, {})
-        if not isinstance(node, dict):
-            raise UsageError(f"{section} must be a section of keys, got {node!r}")
-        for key, value in defaults.items():
-            node.setdefault(key, copy.deepcopy(value))
-    collate = resolved["dataloader"].setdefault("collate_fn", {"_target_": DEFAULT_COLLATE})
-    collate.setdefault("_target_", DEFAULT_COLLATE)
-    notices = validate_config(resolved, SCHEMA)
-    check_installed(resolved)
-    return resolved, notices
 
 
 class FinetuneRecipeForVLM:
@@ -206,7 +70,7 @@ class FinetuneRecipeForVLM:
         self.run_prepare(cfg.get("prepare") or [])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-        self.model = self.build_model(cfg["model"], cfg["freeze_config"])
+        self.model = self.build_model(cfg["model"], cfg["freeze_config"], cfg.get("peft"))
         self.processor = self.build_processor(cfg)
         self.collate = self.build_collate(cfg["dataloader"]["collate_fn"])
         steps = cfg["step_scheduler"]
@@ -264,9 +128,11 @@ class FinetuneRecipeForVLM:
         for i, node in enumerate(steps):
             instantiate(node, where=f"prepare[{i}]", extra_prefixes=self.extra_prefixes)
 
-    def build_model(self, model_cfg: dict, freeze_cfg: dict) -> torch.nn.Module:
+    def build_model(self, model_cfg: dict, freeze_cfg: dict, peft_cfg: dict | None):
         model = instantiate(model_cfg, where="model", extra_prefixes=self.extra_prefixes)
         apply_freeze(model, **freeze_cfg)
+        if peft_cfg:
+            model = apply_lora(model, self.build("peft"))
         trainable, total = count_parameters(model)
         print0(
             f"parameters: {trainable:,} trainable / {total:,} total "
@@ -399,6 +265,10 @@ class FinetuneRecipeForVLM:
             print0(f"{self.dropped_samples} samples were dropped during training (reasons above)")
         if self.guard.skipped_steps:
             print0(f"{self.guard.skipped_steps} steps were skipped (non-finite loss or grad norm)")
+        if is_peft_model(self.model):
+            adapter = save_hf_folder(self.model, self.processor, self.out_dir / "final_adapter")
+            print0(f"saved {adapter}")
+            self.model = merge(self.model)  # final_model is the merged, ordinary model
         final = save_hf_folder(self.model, self.processor, self.out_dir / "final_model")
         print0(f"saved {final}")
         picture = plot_losses(self.out_dir)
