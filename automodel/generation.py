@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from automodel.datasets.collate import prompt_inputs
 from automodel.errors import UsageError
 
 
@@ -74,15 +75,7 @@ def generate_replies(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
-            inputs = processor.apply_chat_template(
-                chunk,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"padding": True, "padding_side": "left"},
-            )
-            inputs = _to_device(inputs, model)
+            inputs = _to_device(prompt_inputs(processor, chunk), model)
             out = model.generate(
                 **inputs, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True
             )

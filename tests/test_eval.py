@@ -164,6 +164,9 @@ def test_training_evaluates_on_schedule_and_logs_everywhere(run_with_eval):
     best = json.loads((ckpt / "eval_best.json").read_text())
     assert best["metric"] == "nted_accuracy"
     assert best["value"] == max(r["nted_accuracy"] for r in records)
+    # A new best score gets a step checkpoint, and BEST names it (no ckpt_every_steps here).
+    assert (ckpt / "BEST").read_text().strip() == f"step_{best['step']:06d}"
+    assert (ckpt / f"step_{best['step']:06d}" / "model.safetensors").is_file()
     latest = json.loads((ckpt / "eval" / "metrics.json").read_text())
     assert latest["step"] == 4 and latest["num_samples"] == 3
     assert len(list((ckpt / "eval" / "images").glob("*.png"))) == 2
@@ -264,3 +267,30 @@ def test_generate_reports_bad_inputs(tmp_path, tiny_gemma3):
         read_generation_inputs(jsonl=bad)
     with pytest.raises(UsageError, match="--prompt is required"):
         read_generation_inputs(image=bad)
+
+
+def test_each_builder_names_its_default_metric(receipts):
+    from automodel.datasets.vlm import (
+        make_conversation_dataset,
+        make_cord_v2_dataset,
+        make_image_text_dataset,
+        make_vqa_dataset,
+    )
+    from automodel.eval.evaluate import default_metrics
+    from automodel.eval.metrics import expand_metric_names
+
+    data = ROOT / "examples" / "data"
+    cases = [
+        (make_cord_v2_dataset(str(receipts), split="validation"), "cord"),
+        (make_vqa_dataset(str(data / "vqa"), split="train"), "vqa"),
+        (
+            make_image_text_dataset(str(data / "image_text" / "train.jsonl"), split="train"),
+            "caption",
+        ),
+        (
+            make_conversation_dataset(str(data / "conversation" / "train.jsonl"), split="train"),
+            "vqa",
+        ),
+    ]
+    for dataset, group in cases:
+        assert default_metrics(dataset) == expand_metric_names(group), type(dataset).__name__

@@ -80,12 +80,13 @@ def image_token_ids(processor) -> list[int]:
     """Ids of the tokens that stand for image features (never labelled, never truncated)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     ids = []
-    for attr in _IMAGE_TOKEN_ATTRS:
-        value = getattr(processor, attr, None)
-        if value is None:
-            value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            ids.append(value)
+    # Both sources count: Gemma 3's processor names <start_of_image> its image token while the
+    # tokenizer's image_token_id is the soft token the features replace.
+    for source in (processor, tokenizer):
+        for attr in _IMAGE_TOKEN_ATTRS:
+            value = getattr(source, attr, None)
+            if isinstance(value, int):
+                ids.append(value)
     return sorted(set(ids))
 
 
@@ -448,7 +449,8 @@ def default_collate_fn(
             family sizes images by ``max_pixels``): ``drop`` it with a reason, or ``error``.
 
     Returns:
-        The processor's tensors plus ``labels``, ``dropped`` (a list of ``(name, reason)`` for
+        The processor's tensors plus ``labels``, ``num_images``, ``dropped`` (a list of
+        ``(name, reason)`` for
         samples left out) and ``resized`` (``(name, scale)`` for samples whose images were
         shrunk), or ``None`` when no sample in the batch is usable.
 
@@ -526,6 +528,7 @@ def default_collate_fn(
         logger.warning("resized the images of sample %s to %.0f%% of their area", name, 100 * scale)
     batch["dropped"] = [(names[i], why) for i, why in dropped]
     batch["resized"] = resized
+    batch["num_images"] = sum(len(_images(conversations[i])) for i in keep)
     return batch
 
 

@@ -21,27 +21,19 @@ from automodel.errors import UsageError
 from automodel.eval.metrics import compute_metrics, expand_metric_names
 from automodel.generation import generate_replies, prompt_messages, reply_text
 
-# Used only when a dataset names no ``default_metric`` itself.
-_DEFAULT_BY_DATASET_CLASS = {"CordV2Dataset": "cord"}
 FALLBACK_METRICS = "vqa"
 
 
 def default_metrics(dataset: Any) -> list[str]:
     """The metrics a dataset is scored with unless ``eval.metrics`` says otherwise.
 
-    The dataset's own ``default_metric`` attribute wins; datasets without one are looked up by
-    class (CORD-v2 -> ``cord``); anything else gets exact match and ANLS.
+    The builder's dataset names them (``default_metric``: CORD-v2 -> ``cord``, VQA -> ``vqa``,
+    image-text -> ``caption``); anything that names none gets exact match and ANLS.
     """
     # Wrappers (the training run's screened dataset, torch Subset) keep the built one in .dataset.
-    while True:
-        name = getattr(dataset, "default_metric", None)
-        if name is None:
-            for cls in type(dataset).__mro__:
-                name = name or _DEFAULT_BY_DATASET_CLASS.get(cls.__name__)
-        if name is not None or not hasattr(dataset, "dataset"):
-            break
+    while getattr(dataset, "default_metric", None) is None and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
-    return expand_metric_names(name or FALLBACK_METRICS)
+    return expand_metric_names(getattr(dataset, "default_metric", None) or FALLBACK_METRICS)
 
 
 @dataclass

@@ -254,8 +254,12 @@ class CheckpointManager:
         train_state: dict,
         cfg: dict,
         val_loss: float | None = None,
+        best: bool = False,
     ) -> Path | None:
-        """Writes ``step_NNNNNN/`` atomically, then ``LATEST``, ``LOWEST_VAL`` and pruning.
+        """Writes ``step_NNNNNN/`` atomically, then ``LATEST``, ``LOWEST_VAL``, ``BEST`` and pruning.
+
+        Args:
+            best: this step reached a new best ``eval.best_metric``: ``BEST`` names it.
 
         Returns:
             The step folder, or None when checkpointing is disabled.
@@ -294,6 +298,8 @@ class CheckpointManager:
             ) from None
         if val_loss is not None:
             self._update_lowest_val(final, val_loss)
+        if best:
+            _write_atomic(self.dir / "BEST", final.name + "\n")
         self._prune()
         return final
 
@@ -306,7 +312,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         if self.keep_last_n is None:
             return
-        keep = {self.pointer("LATEST"), self.pointer("LOWEST_VAL")}
+        keep = {self.pointer(name) for name in ("LATEST", "LOWEST_VAL", "BEST")}
         old = self.complete_steps()[: -self.keep_last_n]
         for path in old:
             if path not in keep:

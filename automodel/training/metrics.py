@@ -159,6 +159,9 @@ class MetricsLogger:
         done = max(1, step - self.start_step)
         eta = elapsed / done * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}", f"loss {metrics['loss']:.4f}"]
+        for part in ("language_loss", "vision_loss"):  # present when vision_loss is weighted
+            if part in metrics:
+                parts.append(f"{part} {metrics[part]:.4f}")
         parts.append(f"lr {metrics['lr']:.2e}")
         parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
         parts.append(f"tokens/s {metrics['tokens_per_s']:.0f}")

@@ -44,6 +44,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     Subclasses implement ``to_conversation(record)``.
     """
 
+    # The metric group automodel.eval scores this data with unless eval.metrics says otherwise.
+    default_metric: str | None = None
+
     what = "dataset"
 
     def __init__(

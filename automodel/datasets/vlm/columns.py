@@ -57,6 +57,11 @@ class ColumnsDataset(ConversationDataset):
         self.prompt = prompt
         self.what = what
 
+    @property
+    def default_metric(self) -> str:
+        """Questions with short answers are scored as VQA; a fixed instruction as captions."""
+        return "vqa" if self.question_column else "caption"
+
     def to_conversation(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         images = _field(record, self.image_column, "image_column")
         values = images if isinstance(images, list) else [images]

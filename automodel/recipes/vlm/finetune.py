@@ -218,6 +218,7 @@ class FinetuneRecipeForVLM:
             for batch in loader:
                 if batch is None:
                     continue
+                self.window["images"] += batch.pop("num_images", 0)
                 for name, why in batch.pop("dropped", []):
                     self.dropped_samples += 1
                     self.logger.write(f"dropped sample {name}: {why}")
@@ -297,7 +298,6 @@ class FinetuneRecipeForVLM:
             step_loss = torch.zeros((), device=self.device)
             for mb in micro:
                 self.window["tokens"] += mb["attention_mask"].sum()
-                self.window["images"] += mb.get("pixel_values", torch.empty(0)).shape[0]
                 loss = self.forward_loss(mb, num_label_tokens)
                 loss.backward()
                 step_loss += loss.detach()
@@ -320,13 +320,15 @@ class FinetuneRecipeForVLM:
                 step == self.max_steps or (val_every and step % val_every == 0)
             ):
                 val_loss = self.validate_and_log(step)
+            is_best = False
             if self.evaluator is not None and self.evaluator.due(step):
-                self.evaluator.run(self.model, step)
+                _, is_best = self.evaluator.run(self.model, step)
                 self.set_train_mode()
             stop = stop_reason(sigterm, self.guard)
-            if stop or (ckpt_every and (step % ckpt_every == 0 or step == self.max_steps)):
+            due = ckpt_every and (step % ckpt_every == 0 or step == self.max_steps)
+            if stop or due or is_best:  # a new best eval score gets a checkpoint BEST names
                 saved = self.checkpoints.save(
-                    step, self.model, self.train_state(), self.cfg, val_loss
+                    step, self.model, self.train_state(), self.cfg, val_loss, best=is_best
                 )
                 if saved is not None:
                     self.logger.write(f"saved checkpoint {saved}")
