@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 # The package itself is installed editable from whichever clone asks, so each clone tests its own code.
-if ! "$venv/bin/python" -c "import automodel, pathlib, sys; sys.exit(pathlib.Path(automodel.__file__).resolve().parents[1] != pathlib.Path('$root'))" 2>/dev/null; then
+# The check runs from / so that the clone's own folder on sys.path cannot pass for an install.
+if ! (cd / && "$venv/bin/python" -c "import automodel, pathlib, sys; sys.exit(pathlib.Path(automodel.__file__).resolve().parents[1] != pathlib.Path('$root'))" 2>/dev/null) || [ ! -x "$venv/bin/automodel" ]; then
   "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$root" >&2
 fi
 echo "$venv"
