@@ -87,3 +87,30 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more only spin (and on a busy CPU, a lot).
+
+    Use it in a module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def labelled_spans(labels, tokenizer) -> list[str]:
+    """Decodes each run of consecutive labelled positions (labels other than -100)."""
+    spans, current = [], []
+    for token in labels.tolist() + [-100]:
+        if token == -100:
+            if current:
+                spans.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(token)
+    return spans

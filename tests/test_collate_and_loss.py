@@ -11,6 +11,7 @@ from automodel.datasets.collate import default_collate_fn, image_token_ids
 from automodel.datasets.vlm import make_cord_v2_dataset
 from automodel.loss import MaskedCrossEntropy
 from automodel.models.forward import label_logits
+from tests.conftest import labelled_spans
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +37,6 @@ def _turn(role, *parts):
             else {"type": "text", "text": p}
         )
     return {"role": role, "content": content}
-
-
-def labelled_spans(labels, tokenizer):
-    """Decodes each run of consecutive labelled positions."""
-    spans, current = [], []
-    for token in labels.tolist() + [-100]:
-        if token == -100:
-            if current:
-                spans.append(tokenizer.decode(current))
-            current = []
-        else:
-            current.append(token)
-    return spans
 
 
 def test_labels_are_exactly_the_assistant_replies(processor):

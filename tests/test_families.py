@@ -30,7 +30,7 @@ from automodel.loss import MaskedCrossEntropy
 from automodel.models.forward import label_logits
 from automodel.models.tiny import FAMILIES
 from automodel.training.checkpoint import save_hf_folder
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, labelled_spans, run_python
 
 # The token that ends an assistant reply in each family's format.
 END_OF_TURN = {
@@ -58,13 +58,7 @@ def test_every_family_has_a_twin_and_an_end_token():
     assert set(FAMILIES) == set(END_OF_TURN)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only spin (and on a busy CPU, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +115,6 @@ def _samples(family: str) -> tuple[list[dict], list[list[str]]]:
         {"id": "first", "conversation": first},
         {"id": "second", "conversation": second},
     ], replies
-
-
-def labelled_spans(labels: torch.Tensor, tokenizer) -> list[str]:
-    """Decodes each run of consecutive labelled positions."""
-    spans, current = [], []
-    for token in labels.tolist() + [-100]:
-        if token == -100:
-            if current:
-                spans.append(tokenizer.decode(current))
-            current = []
-        else:
-            current.append(token)
-    return spans
 
 
 def _without_markers(processor):

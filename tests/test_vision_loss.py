@@ -19,13 +19,7 @@ from automodel.models.forward import label_logits
 from automodel.models.freeze import apply_freeze, language_modules, projector_modules
 from tests.conftest import ROOT
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(processor, n: int) -> dict:
