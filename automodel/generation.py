@@ -18,6 +18,7 @@ from PIL import Image
 
 from automodel.datasets.collate import prompt_inputs
 from automodel.errors import UsageError
+from automodel.models.forward import to_model
 
 
 def prompt_messages(conversation: list[dict]) -> list[dict]:
@@ -32,15 +33,6 @@ def reply_text(message: dict) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-def _to_device(inputs: dict, model) -> dict:
-    param = next(model.parameters())
-    return {
-        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-        for k, v in inputs.items()
-        if torch.is_tensor(v)
-    }
 
 
 @torch.no_grad()
@@ -75,7 +67,7 @@ def generate_replies(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
-            inputs = _to_device(prompt_inputs(processor, chunk), model)
+            inputs = to_model(prompt_inputs(processor, chunk), model)
             out = model.generate(
                 **inputs, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True
             )

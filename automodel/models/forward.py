@@ -8,6 +8,19 @@ from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.peft.lora import unwrap
 
 
+def to_model(batch: dict, model) -> dict:
+    """The batch's tensors on the model's device, floating ones (pixels) in its dtype.
+
+    Non-tensor entries (sample names, counts) are left out: they are not model inputs.
+    """
+    param = next(model.parameters())
+    return {
+        k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
+        for k, v in batch.items()
+        if torch.is_tensor(v)
+    }
+
+
 def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that carry a label, and their targets.
 

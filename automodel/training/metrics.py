@@ -196,7 +196,3 @@ def _duration(seconds: float) -> str:
         return "?"
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

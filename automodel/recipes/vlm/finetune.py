@@ -26,7 +26,7 @@ from automodel.eval.periodic import build_periodic_evaluator
 from automodel.generation import generate_reply, prompt_messages, reply_text
 from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.auto import load_processor
-from automodel.models.forward import label_logits
+from automodel.models.forward import label_logits, to_model
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
 from automodel.peft import apply_lora, is_peft_model, merge
 from automodel.recipes.vlm.config import DEFAULTS, resolve_config
@@ -231,14 +231,6 @@ class FinetuneRecipeForVLM:
             resumed = False
             self.epoch += 1
 
-    def to_device(self, batch: dict) -> dict:
-        dtype = next(self.model.parameters()).dtype
-        return {
-            k: (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device))
-            for k, v in batch.items()
-            if torch.is_tensor(v)
-        }
-
     def forward_loss(self, batch: dict, num_label_tokens) -> torch.Tensor:
         """Loss for one micro-batch, divided by the step's label-token count."""
         labels = batch.pop("labels")
@@ -293,7 +285,7 @@ class FinetuneRecipeForVLM:
         while self.step < self.max_steps:
             self.step += 1
             step = self.step
-            micro = [self.to_device(next(train_batches)) for _ in range(self.grad_accum)]
+            micro = [to_model(next(train_batches), self.model) for _ in range(self.grad_accum)]
             num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
             step_loss = torch.zeros((), device=self.device)
             for mb in micro:
@@ -413,7 +405,7 @@ class FinetuneRecipeForVLM:
             if batch is None:
                 continue
             batch.pop("dropped", None)
-            batch = self.to_device(batch)
+            batch = to_model(batch, self.model)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += self.forward_loss(batch, 1).double()
             tokens += n
