@@ -1,0 +1,49 @@
+"""``torch.compile`` of the language model's decoder blocks (config section ``compile``).
+
+Each block is compiled in place (``module.compile()``), so parameter names, checkpoints and
+LoRA are unchanged. Blocks rather than the whole model: Gemma 3's image merge has a data-dependent
+``.item()`` that breaks the graph, and one compiled block is reused by every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from automodel.models.freeze import language_modules
+from automodel.peft.lora import unwrap
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The language model's decoder blocks (the ``layers`` ModuleList inside it)."""
+    for module in language_modules(unwrap(model)):
+        for name, child in module.named_modules():
+            if name.split(".")[-1] == "layers" and isinstance(child, torch.nn.ModuleList):
+                return list(child)
+    return []
+
+
+def compile_model(
+    model,
+    enabled: bool = False,
+    mode: str | None = None,
+    dynamic: bool | None = True,
+    fullgraph: bool = False,
+    backend: str = "inductor",
+) -> int:
+    """Compiles each decoder block of ``model`` in place when ``enabled``.
+
+    Args:
+        model: the VLM (or its PEFT wrapper).
+        enabled: the switch ``compile.enabled``.
+        mode, dynamic, fullgraph, backend: passed to ``torch.compile``; ``dynamic=True`` avoids
+            a recompile for every new sequence length.
+
+    Returns:
+        The number of blocks compiled.
+    """
+    if not enabled:
+        return 0
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+    return len(layers)

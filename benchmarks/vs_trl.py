@@ -1,0 +1,435 @@
+"""automodel against TRL's SFTTrainer: the same fine-tune, side by side, in one run.
+
+    python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~30 min)
+    python benchmarks/vs_trl.py --quick         # a smoke run: tiny model, 2 steps, 1 round
+
+Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
+262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
+with the same global batch, steps, AdamW and learning rate, answer-only labels (TRL's
+``assistant_only_loss``; the label counts of both collates on the same batch are printed), the
+vision tower frozen, fp32 on the CPU, the same number of DataLoader workers and threads.
+
+Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
+(automodel, TRL, automodel, TRL, ...), warm-up steps are not timed, and the table shows the
+median of the rounds. Rows ``automodel -<lever>`` switch one lever off on configuration (b) to
+show what it contributes. The last line reads
+``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL peak memory on (b)>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# ~22M parameters with the small vocabulary (a); the same model with 262k tokens is (b).
+SIZES = {
+    "hidden_size": 256,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vision_hidden_size": 384,
+    "vision_intermediate_size": 1536,
+    "vision_num_hidden_layers": 6,
+    "vision_num_attention_heads": 6,
+    "image_size": 192,
+    "patch_size": 16,
+    "mm_tokens_per_image": 16,
+}
+QUICK_SIZES = {
+    **SIZES,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "vision_hidden_size": 64,
+    "vision_intermediate_size": 128,
+    "vision_num_hidden_layers": 1,
+    "vision_num_attention_heads": 2,
+    "image_size": 64,
+}
+CONFIGS = {"a": 2048, "b": 262144}
+
+# Levers of the automodel side; each "-lever" row turns one off.
+LEVERS = {
+    "chunked_ce": {"loss_fn": {"_target_": "automodel.loss.ChunkedCrossEntropy"}},
+    "group_by_length": {"dataloader": {"group_by_length": True}},
+    "vision_cache": {"vision_cache": {"enabled": True}},
+}
+# Off by default (its first step compiles for about a minute); --compile-row adds a "+compile" row.
+OPTIONAL_LEVERS = {"compile": {"compile": {"enabled": True}}}
+
+WORDS = [
+    *("total", "cash", "change", "coffee", "latte", "tea", "croissant", "muffin", "bagel"),
+    *("water", "juice", "sandwich", "salad", "soup", "cake", "cookie", "tax", "service"),
+    *("card", "visa", "receipt", "table", "server", "item", "price", "qty", "discount", "sub"),
+]
+
+
+# ------------------------------------------------------------------------------ preparation
+def make_data(out_dir: Path, n: int, image_size: int, seed: int = 0) -> Path:
+    """``n`` one-image conversations with answers of 3 to 90 words, as OpenAI-style JSONL."""
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            image = Image.new(
+                "RGB", (image_size, image_size), tuple(rng.randrange(256) for _ in "rgb")
+            )
+            draw = ImageDraw.Draw(image)
+            for _ in range(6):
+                x, y = rng.randrange(image_size), rng.randrange(image_size)
+                draw.rectangle(
+                    [x, y, x + 20, y + 12], fill=tuple(rng.randrange(256) for _ in "rgb")
+                )
+            image.save(out_dir / f"img_{i}.png")
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 90)))
+            record = {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"img_{i}.png"},
+                            {"type": "text", "text": "Read the receipt."},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ]
+            }
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def make_model(out_dir: Path, vocab_size: int, sizes: dict) -> Path:
+    from automodel.models.tiny import make_tiny
+
+    make_tiny("gemma3", out_dir, seed=0, reuse=True, vocab_size=vocab_size, **sizes)
+    return out_dir
+
+
+def tokens_per_sample(model_dir: Path, data: Path) -> float:
+    """Mean non-padding tokens per sample (the same for both sides: same template and data)."""
+    from automodel.datasets.collate import default_collate_fn
+    from automodel.datasets.vlm import make_conversation_dataset
+    from automodel.models.auto import load_processor
+
+    processor = load_processor(str(model_dir))
+    dataset = make_conversation_dataset(str(data))
+    counts = [
+        int(default_collate_fn([dataset[i]], processor=processor)["attention_mask"].sum())
+        for i in range(len(dataset))
+    ]
+    return sum(counts) / len(counts)
+
+
+# ------------------------------------------------------------------------------ the two sides
+def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+    from automodel.training.signals import StopOnSigterm
+
+    out = tempfile.mkdtemp(prefix="bench_automodel_")
+    cfg = {
+        "model": {
+            "_target_": "automodel.models.AutoModelForImageTextToText.from_pretrained",
+            "pretrained_model_name_or_path": args.model,
+        },
+        "dataset": {
+            "_target_": "automodel.datasets.vlm.make_conversation_dataset",
+            "path_or_dataset": args.data,
+        },
+        "dataloader": {"num_workers": args.workers},
+        "step_scheduler": {
+            "global_batch_size": args.global_batch,
+            "local_batch_size": args.local_batch,
+            "max_steps": args.warmup + args.steps,
+            "log_every_steps": 10_000,
+        },
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
+        "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "linear", "min_lr": 0.0},
+        "freeze_config": {"freeze_vision_tower": True},
+        "precision": {"autocast": "none"},
+        "checkpoint": {"enabled": False, "checkpoint_dir": out},
+    }
+    for lever in levers:
+        for section, values in {**LEVERS, **OPTIONAL_LEVERS}[lever].items():
+            cfg.setdefault(section, {}).update(values)
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    total = recipe.max_steps
+    with StopOnSigterm() as sigterm:
+        recipe.max_steps = args.warmup
+        recipe.train_steps(sigterm)
+        start = time.perf_counter()
+        recipe.max_steps = total
+        recipe.train_steps(sigterm)
+        seconds = time.perf_counter() - start
+    cache = getattr(recipe, "vision_cache", None)
+    return {
+        "seconds": seconds,
+        "loss": last_logged_loss(Path(out)),
+        "tower_calls": None if cache is None else cache.misses,
+    }
+
+
+def last_logged_loss(out_dir: Path) -> float | None:
+    path = out_dir / "training.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    return losses[-1] if losses else None
+
+
+def trl_dataset(data: str):
+    """The JSONL as TRL's VLM format: image placeholders in ``messages``, PIL images in ``images``."""
+    import datasets
+    from PIL import Image
+
+    base = Path(data).parent
+    rows = []
+    for line in Path(data).read_text().splitlines():
+        record = json.loads(line)
+        images = []
+        for message in record["messages"]:
+            for part in message["content"]:
+                if part["type"] == "image":
+                    images.append(Image.open(base / part.pop("image")).convert("RGB"))
+        rows.append({"messages": record["messages"], "images": images})
+    return datasets.Dataset.from_list(rows)
+
+
+def label_counts(args: argparse.Namespace, trainer) -> dict:
+    """Label tokens of the first batch under TRL's collator and automodel's, same samples."""
+    from automodel.datasets.collate import default_collate_fn
+    from automodel.datasets.vlm import make_conversation_dataset
+
+    n = args.local_batch
+    samples = [dict(trainer.train_dataset[i]) for i in range(n)]
+    theirs = trainer.data_collator(samples)
+    ours_ds = make_conversation_dataset(args.data)
+    ours = default_collate_fn([ours_ds[i] for i in range(n)], processor=trainer.processing_class)
+    return {
+        "trl_labels": int((theirs["labels"] != -100).sum()),
+        "automodel_labels": int((ours["labels"] != -100).sum()),
+        "same_input_ids": bool(
+            theirs["input_ids"].shape == ours["input_ids"].shape
+            and (theirs["input_ids"] == ours["input_ids"]).all()
+        ),
+    }
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(42)
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    for p in model.model.vision_tower.parameters():  # the same frozen tower as automodel's
+        p.requires_grad_(False)
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                marks[state.global_step] = time.perf_counter()
+
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
+        per_device_train_batch_size=args.local_batch,
+        gradient_accumulation_steps=args.global_batch // args.local_batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=args.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        assistant_only_loss=True,
+        max_length=None,
+        logging_steps=10_000,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        dataloader_num_workers=args.workers,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=42,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=trl_dataset(args.data),
+        processing_class=processor,
+        callbacks=[Clock()],
+    )
+    counts = label_counts(args, trainer)
+    result = trainer.train()
+    seconds = marks[args.warmup + args.steps] - marks[args.warmup]
+    return {"seconds": seconds, "loss": result.training_loss, **counts}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.side == "trl":
+        result = run_trl(args)
+    else:
+        result = run_automodel(args, [lever for lever in args.levers.split(",") if lever])
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------ the parent
+def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--model",
+        str(model),
+        "--data",
+        str(args.data),
+        "--levers",
+        ",".join(levers),
+    ]
+    for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"  {side} {model.name} levers={','.join(levers) or '-'}: {shown}", flush=True)
+    return result
+
+
+def summarize(runs: list[dict], samples: int, tokens_per: float) -> dict:
+    sps = statistics.median(samples / r["seconds"] for r in runs)
+    return {
+        "samples_per_s": sps,
+        "tokens_per_s": sps * tokens_per,
+        "peak_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+        "loss": runs[-1].get("loss"),
+        "runs": len(runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the clock")
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--local-batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, both sides")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS, both sides")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--configs", default="a,b")
+    parser.add_argument("--no-lever-rows", action="store_true", help="skip the per-lever rows")
+    parser.add_argument("--compile-row", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
+    # Internal: one side in this process.
+    parser.add_argument("--child", choices=("automodel", "trl"), dest="side")
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--levers", default="")
+    args = parser.parse_args()
+    if args.side:
+        child(args)
+        return
+
+    sizes = SIZES
+    configs = [c for c in args.configs.split(",") if c]
+    if args.quick:
+        sizes, args.rounds, args.steps, args.warmup = QUICK_SIZES, 1, 2, 1
+        args.samples, args.no_lever_rows, configs = 8, True, ["a"]
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    args.data = make_data(work / "data", args.samples, sizes["image_size"])
+    all_levers = list(LEVERS)
+    samples = args.steps * args.global_batch
+    print(
+        f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
+        f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
+        f"{args.workers} DataLoader worker(s), load average {os.getloadavg()[0]:.2f}"
+    )
+    rows, label_check = {}, None
+    for config in configs:
+        model = make_model(work / f"gemma3_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
+        per = tokens_per_sample(model, args.data)
+        runs = {"automodel": [], "TRL": []}
+        for _ in range(args.rounds):
+            runs["automodel"].append(launch(args, "automodel", model, all_levers))
+            runs["TRL"].append(launch(args, "trl", model, []))
+        label_check = {
+            k: runs["TRL"][0][k] for k in ("trl_labels", "automodel_labels", "same_input_ids")
+        }
+        for side, side_runs in runs.items():
+            rows[(config, side)] = summarize(side_runs, samples, per)
+        if args.compile_row:
+            rows[(config, "automodel +compile")] = summarize(
+                [launch(args, "automodel", model, [*all_levers, "compile"])], samples, per
+            )
+        if config == "b" and not args.no_lever_rows:
+            for lever in all_levers:
+                rest = [x for x in all_levers if x != lever]
+                rows[(config, f"automodel -{lever}")] = summarize(
+                    [launch(args, "automodel", model, rest)], samples, per
+                )
+        print(f"config ({config}) done; first batch label tokens: {label_check}", flush=True)
+
+    print()
+    print(
+        f"{'config':<8}{'side':<28}{'samples/s':>10}{'tokens/s':>10}{'peak GB':>9}{'x TRL':>7}{'mem x TRL':>10}"
+    )
+    for (config, side), row in rows.items():
+        trl = rows[(config, "TRL")]
+        print(
+            f"({config}) V={CONFIGS[config]:<7}{side:<24}{row['samples_per_s']:>10.2f}"
+            f"{row['tokens_per_s']:>10.0f}{row['peak_gb']:>9.2f}"
+            f"{row['samples_per_s'] / trl['samples_per_s']:>7.2f}{row['peak_gb'] / trl['peak_gb']:>10.2f}"
+        )
+    speed_config = "a" if "a" in configs else configs[0]
+    memory_config = "b" if "b" in configs else configs[-1]
+    speedup = (
+        rows[(speed_config, "automodel")]["samples_per_s"]
+        / rows[(speed_config, "TRL")]["samples_per_s"]
+    )
+    memory_ratio = (
+        rows[(memory_config, "automodel")]["peak_gb"] / rows[(memory_config, "TRL")]["peak_gb"]
+    )
+    print(f"speedup=({speed_config}) memory_ratio=({memory_config}); label tokens {label_check}")
+    print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

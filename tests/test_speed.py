@@ -1,0 +1,287 @@
+"""Speed levers: each is a config switch that leaves the loss unchanged, and the TRL benchmark runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from automodel.datasets.samplers import LengthGroupedSampler, estimate_lengths
+from automodel.errors import UsageError
+from automodel.loss import ChunkedCrossEntropy, MaskedCrossEntropy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def receipts(tmp_path_factory) -> Path:
+    """8 one-image conversations whose answers run from 2 to 40 words."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("conversations")
+    words = ["total", "cash", "change", "coffee", "latte", "tea", "croissant", "muffin", "tax"]
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(8):
+            Image.new("RGB", (32, 32), (30 * i, 255 - 30 * i, 90)).save(root / f"{i}.png")
+            answer = " ".join(words[(i * j) % len(words)] for j in range(2 + (i * 5) % 39))
+            user = [{"type": "image", "image": f"{i}.png"}, {"type": "text", "text": "Read it."}]
+            reply = [{"type": "text", "text": answer}]
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return root / "train.jsonl"
+
+
+def config(model: Path, data: Path, out: Path, steps: int = 3, **sections) -> dict:
+    """A small run: 8 conversations, global batch 4 in micro-batches of 2, no validation."""
+    cfg = {
+        "model": {
+            "_target_": "automodel.models.AutoModelForImageTextToText.from_pretrained",
+            "pretrained_model_name_or_path": str(model),
+        },
+        "dataset": {
+            "_target_": "automodel.datasets.vlm.make_conversation_dataset",
+            "path_or_dataset": str(data),
+        },
+        "dataloader": {"num_workers": 0},
+        "step_scheduler": {
+            "global_batch_size": 4,
+            "local_batch_size": 2,
+            "max_steps": steps,
+            "log_every_steps": 1,
+        },
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
+        "precision": {"autocast": "none"},
+        "checkpoint": {"enabled": False, "checkpoint_dir": str(out)},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def train(cfg: dict):
+    """Runs the recipe in this process; returns it and the per-step losses."""
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    recipe.train()
+    lines = Path(cfg["checkpoint"]["checkpoint_dir"], "training.jsonl").read_text().splitlines()
+    return recipe, [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+# --------------------------------------------------------------------------- chunked linear + CE
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_cross_entropy_equals_full_logits(softcap, chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (23,))
+    targets[[2, 11]] = -100
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = MaskedCrossEntropy()(logits, targets, 40)
+    expected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    loss = ChunkedCrossEntropy(chunk_size=chunk_size)(hidden, weight, targets, 40, softcap=softcap)
+    (2 * loss).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, 2 * grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, 2 * grads[1], rtol=1e-4, atol=1e-6)
+    reference = F.cross_entropy(logits.detach(), targets, ignore_index=-100)
+    torch.testing.assert_close(
+        ChunkedCrossEntropy(5)(hidden, weight, targets, softcap=softcap), reference
+    )
+
+
+def test_chunked_cross_entropy_through_the_recipe(tmp_path, tiny_gemma3, receipts):
+    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain"))
+    chunked_loss = {"_target_": "automodel.loss.ChunkedCrossEntropy", "chunk_size": 16}
+    _, chunked = train(config(tiny_gemma3, receipts, tmp_path / "chunked", loss_fn=chunked_loss))
+    assert len(plain) == 3
+    assert chunked == pytest.approx(plain, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- length grouping
+def test_length_grouped_sampler_groups_covers_and_splits_ranks():
+    lengths = [(i * 37) % 101 for i in range(96)]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=3, mega_batch_mult=4)
+    order = list(sampler)
+    assert sorted(order) == list(range(96))
+    assert list(sampler) != order  # the next epoch draws a new permutation
+    batches = [order[i : i + 4] for i in range(0, 96, 4)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    shuffled = torch.randperm(96, generator=torch.Generator().manual_seed(0)).tolist()
+    random_spread = sum(
+        max(lengths[i] for i in shuffled[j : j + 4]) - min(lengths[i] for i in shuffled[j : j + 4])
+        for j in range(0, 96, 4)
+    )
+    assert spread < random_spread / 3
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first
+
+    ranks = [
+        list(LengthGroupedSampler(lengths, batch_size=4, rank=r, world_size=2, seed=3))
+        for r in range(2)
+    ]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(96))
+    # 90 samples make 23 batches: one is repeated so that each of 4 ranks gets 6.
+    uneven = [LengthGroupedSampler(lengths[:90], 4, rank=r, world_size=4, seed=3) for r in range(4)]
+    assert [len(s.batches(0)[s.rank :: 4]) for s in uneven] == [6, 6, 6, 6]
+    assert set().union(*(list(s) for s in uneven)) == set(range(90))
+
+
+def test_length_grouped_sampler_resumes_mid_epoch_through_the_loader():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    lengths = list(range(40))
+
+    def loader():
+        sampler = LengthGroupedSampler(lengths, batch_size=4, seed=7)
+        return StatefulDataLoader(list(range(40)), batch_size=4, sampler=sampler)
+
+    full = [b.tolist() for epoch in range(2) for b in loader_epochs(loader(), 2)[epoch]]
+    first = loader()
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(3)]
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in resumed]
+    following = [b.tolist() for b in resumed]
+    assert seen + rest + following == full
+
+
+def loader_epochs(loader, epochs: int) -> list[list]:
+    return [list(loader) for _ in range(epochs)]
+
+
+def test_estimated_lengths_follow_the_answers(tiny_gemma3, receipts):
+    from automodel.datasets.vlm import make_conversation_dataset
+    from automodel.models.auto import load_processor
+
+    dataset = make_conversation_dataset(str(receipts))
+    processor = load_processor(str(tiny_gemma3))
+    lengths = estimate_lengths(dataset, processor)
+    tokens = [
+        len(processor.tokenizer(dataset[i]["conversation"][-1]["content"][0]["text"]).input_ids)
+        for i in range(8)
+    ]
+    assert all(length >= processor.image_seq_length for length in lengths)
+    ranks = sorted(range(8), key=lengths.__getitem__)
+    assert ranks == sorted(range(8), key=tokens.__getitem__)
+
+
+def test_group_by_length_gives_the_same_loss_when_a_step_is_an_epoch(
+    tmp_path, tiny_gemma3, receipts
+):
+    # One optimizer step sees all 8 samples (4 micro-batches): the token-weighted loss and the
+    # update cannot depend on how the samples are grouped into micro-batches.
+    steps = {"global_batch_size": 8, "local_batch_size": 2, "max_steps": 2}
+    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain", step_scheduler=steps))
+    grouped_cfg = config(
+        tiny_gemma3,
+        receipts,
+        tmp_path / "grouped",
+        step_scheduler=steps,
+        dataloader={"group_by_length": True},
+    )
+    recipe, grouped = train(grouped_cfg)
+    assert isinstance(recipe.train_loader.sampler, LengthGroupedSampler)
+    assert grouped == pytest.approx(plain, rel=1e-5)
+
+
+def test_group_by_length_must_be_a_boolean(tmp_path, tiny_gemma3, receipts):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    cfg = config(tiny_gemma3, receipts, tmp_path, dataloader={"group_by_length": "yes"})
+    with pytest.raises(UsageError, match="dataloader.group_by_length"):
+        FinetuneRecipeForVLM(cfg)
+
+
+# --------------------------------------------------------------------------- vision cache
+def test_vision_cache_is_exact_and_runs_the_tower_once_per_image(tmp_path, tiny_gemma3, receipts):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    steps = {"max_steps": 4}  # two epochs of 8 samples
+    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain", step_scheduler=steps))
+    cfg = config(
+        tiny_gemma3,
+        receipts,
+        tmp_path / "cached",
+        step_scheduler=steps,
+        vision_cache={"enabled": True},
+    )
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    images_embedded = []
+    inner = recipe.vision_cache.tower.embeddings
+    inner.register_forward_hook(lambda m, args, kw_out: images_embedded.append(len(args[0])))
+    recipe.train()
+    lines = (tmp_path / "cached" / "training.jsonl").read_text().splitlines()
+    cached = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert cached == pytest.approx(plain, rel=1e-6)
+    assert sum(images_embedded) == 8
+    assert recipe.vision_cache.hits == 8
+
+
+def test_vision_cache_refuses_a_training_tower(tmp_path, tiny_gemma3, receipts):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    cfg = config(
+        tiny_gemma3,
+        receipts,
+        tmp_path,
+        vision_cache={"enabled": True},
+        freeze_config={"freeze_vision_tower": False},
+    )
+    recipe = FinetuneRecipeForVLM(cfg)
+    with pytest.raises(UsageError, match="frozen vision tower"):
+        recipe.setup()
+
+
+# --------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compile_gives_the_same_loss(tmp_path, tiny_gemma3, receipts):
+    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain", steps=2))
+    compiled_cfg = config(tiny_gemma3, receipts, tmp_path / "compiled", steps=2)
+    compiled_cfg["compile"] = {"enabled": True}
+    _, compiled = train(compiled_cfg)
+    assert compiled == pytest.approx(plain, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the benchmark
+def test_benchmark_against_trl_quick_run(tmp_path):
+    pytest.importorskip("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "vs_trl.py"),
+            "--quick",
+            "--work",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup=\d+\.\d+ memory_ratio=\d+\.\d+", lines[-1])
+    assert "'same_input_ids': True" in result.stdout
+    counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
+    assert counts and counts.group(1) == counts.group(2)
