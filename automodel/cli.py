@@ -105,11 +105,14 @@ def cmd_finetune(args: list[str]) -> int:
         )
         return 0
     config, rest, nproc = _split_config_args(args, QUICKSTART)
-    if nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            "more than one process is not available in this version: use --nproc-per-node 1"
-        )
     cfg = _load(config, rest)
+    from automodel.distributed.launch import launched_by_torchrun, relaunch
+
+    if nproc > 1 and not launched_by_torchrun():
+        from automodel.recipes.vlm.config import resolve_config
+
+        resolve_config(cfg)  # a bad config stops here, once, not in every process
+        return relaunch(nproc, ["finetune", "vlm", "-c", str(config), *rest])
     _quiet_libraries()
     from automodel.recipes.vlm.finetune import run
 
@@ -426,6 +429,12 @@ def _main_help() -> str:
     return "\n".join(lines)
 
 
+def _print_once(message: str) -> None:
+    """To stderr, from rank 0 only: every process of a distributed run reaches the same end."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -439,10 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
         return COMMANDS[command][0](rest)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_once(f"error: {e}")
         return USAGE_ERROR
     except RunStopped as e:  # SIGTERM (exit 143), repeated non-finite steps, a failed save (1)
-        print(f"stopped: {e}", file=sys.stderr)
+        _print_once(f"stopped: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

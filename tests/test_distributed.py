@@ -1,46 +1,287 @@
-"""Data parallelism on this CPU: 2 processes with gloo make the same updates as 1 process."""
+"""Data parallelism through the CLI on this CPU: 2 processes (gloo) train as 1 process does.
+
+``automodel finetune vlm --nproc-per-node 2`` relaunches itself under torchrun. With the same
+global batch, every step's loss must match the single-process run (SGD on purpose: Adam would
+hide a wrong gradient scale), a checkpoint written by 2 ranks must resume exactly on 2 ranks,
+and the 2-rank ``final_model`` must be an ordinary folder that loads in one process.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import shutil
+import signal
+import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli, start_cli
 
-SCRIPT = ROOT / "tests" / "scripts" / "parallel_steps.py"
+STEPS = 10
+TOL = 1e-4
 
 
-def _run(args, nproc, tmp_path, name):
-    out = tmp_path / f"{name}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    result = subprocess.run(
-        [*launcher, str(SCRIPT), *map(str, args), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+def _config(path: Path, model: Path, dataset: dict, out: Path, **changes) -> Path:
+    cfg = {
+        "model": {
+            "_target_": "automodel.models.AutoModelForImageTextToText.from_pretrained",
+            "pretrained_model_name_or_path": str(model),
+        },
+        "dataset": dataset,
+        "dataloader": {
+            "_target_": "torchdata.stateful_dataloader.StatefulDataLoader",
+            "num_workers": 0,
+        },
+        "step_scheduler": {
+            "global_batch_size": 4,
+            "local_batch_size": 2,  # 1 process: 2 micro-batches per step; 2 processes: 1 each
+            "max_steps": STEPS,
+            "log_every_steps": 1,
+            "ckpt_every_steps": 5,
+        },
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.2},
+        "lr_scheduler": {"lr_decay_style": "constant"},
+        "checkpoint": {"checkpoint_dir": str(out)},
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(cfg: Path, nproc: int, tmp_path: Path) -> list[float]:
+    result = run_cli(
+        "finetune",
+        "vlm",
+        "-c",
+        cfg,
+        f"--nproc-per-node={nproc}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = Path(yaml.safe_load(cfg.read_text())["checkpoint"]["checkpoint_dir"])
+    lines = (out / "training.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def _close(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b) == STEPS, (a, b)
+    assert a[0] != a[-1], "the steps must change the model"
+    assert max(abs(x - y) for x, y in zip(a, b)) < TOL, (a, b)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
-def single(tiny_gemma3, receipts, tmp_path_factory):
-    return _run([tiny_gemma3, receipts, "none"], 1, tmp_path_factory.mktemp("single"), "single")
+def receipts_cfg(receipts):
+    return {
+        "_target_": "automodel.datasets.vlm.make_cord_v2_dataset",
+        "path_or_dataset": str(receipts),
+        "split": "train",
+    }
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_two_processes_match_one(strategy, single, tiny_gemma3, receipts, tmp_path):
-    parallel = _run([tiny_gemma3, receipts, strategy], 2, tmp_path, strategy)
-    assert len(single) == len(parallel) == 3
-    assert single[1] != single[0], "the steps must change the model"
-    for a, b in zip(single, parallel):
-        assert abs(a - b) < 1e-4, (single, parallel)
+@pytest.fixture(scope="module")
+def single(tiny_gemma3, receipts_cfg, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    cfg = _config(tmp / "c.yaml", tiny_gemma3, receipts_cfg, tmp / "run")
+    return _train(cfg, 1, tmp), tmp / "run"
+
+
+def test_fsdp2_matches_one_process_and_resumes_on_two(single, tiny_gemma3, receipts_cfg, tmp_path):
+    one_losses, one_run = single
+    run = tmp_path / "run"
+    cfg = _config(
+        tmp_path / "c.yaml", tiny_gemma3, receipts_cfg, run, distributed__strategy="fsdp2"
+    )
+    losses = _train(cfg, 2, tmp_path)
+    _close(one_losses, losses)
+
+    # final_model: an ordinary folder with the same weights as the single-process run's.
+    final, one_final = _weights(run / "final_model"), _weights(one_run / "final_model")
+    assert final.keys() == one_final.keys()
+    assert max((final[k] - one_final[k]).abs().max().item() for k in final) < TOL
+    check = run_cli(
+        "generate",
+        "--model",
+        run / "final_model",
+        "--image",
+        ROOT / "examples/data/conversation/images/red_circle.png",
+        "--prompt",
+        "Read this receipt.",
+        "--max-new-tokens",
+        "4",
+        cwd=tmp_path,
+    )
+    assert check.returncode == 0, check.stderr[-2000:]
+
+    # Resume the 2-rank step-5 checkpoint on 2 ranks: the same final weights, bit for bit.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "step_000005", resumed / "step_000005")
+    (resumed / "LATEST").write_text("step_000005\n")
+    assert (resumed / "step_000005" / "train_state.rank1.pt").is_file()
+    cfg2 = _config(
+        tmp_path / "c2.yaml", tiny_gemma3, receipts_cfg, resumed, distributed__strategy="fsdp2"
+    )
+    _train(cfg2, 2, tmp_path)
+    again = _weights(resumed / "final_model")
+    assert all(torch.equal(again[k], final[k]) for k in final)
+
+    # The same checkpoint refuses to resume in one process (each rank's data position is saved).
+    refused = run_cli("finetune", "vlm", "-c", cfg2, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "written by 2 processes" in refused.stdout + refused.stderr
+
+
+def test_ddp_matches_one_process(single, tiny_gemma3, receipts_cfg, tmp_path):
+    cfg = _config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        tmp_path / "run",
+        distributed__strategy="ddp",
+    )
+    _close(single[0], _train(cfg, 2, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def mixed_cfg(tmp_path_factory):
+    """Even lines text-only, odd lines with an image: unshuffled, rank 0 gets only text."""
+    folder = tmp_path_factory.mktemp("mixed")
+    images = ROOT / "examples/data/conversation/images"
+    lines = []
+    for i, image in enumerate(sorted(images.iterdir())[:8] * 2):
+        user = [{"type": "text", "text": f"Say the number {i}."}]
+        if i % 2:
+            user = [{"type": "image", "image": str(image)}, {"type": "text", "text": "Shape?"}]
+        reply = [{"type": "text", "text": f"It is {image.stem.replace('_', ' ')} {i}."}]
+        lines.append(
+            {
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {
+        "_target_": "automodel.datasets.vlm.make_conversation_dataset",
+        "path_or_dataset": str(path),
+    }
+
+
+@pytest.fixture(scope="module")
+def mixed_single(tiny_gemma3, mixed_cfg, tmp_path_factory):
+    """``mixed_single(frozen)``: the single-process losses on the mixed data, run once each."""
+    runs = {}
+
+    def get(frozen: bool) -> list[float]:
+        if frozen not in runs:
+            tmp = tmp_path_factory.mktemp("mixed_single")
+            cfg = _config(tmp / "c.yaml", tiny_gemma3, mixed_cfg, tmp / "run", **_mixed(frozen))
+            runs[frozen] = _train(cfg, 1, tmp)
+        return runs[frozen]
+
+    return get
+
+
+def _mixed(frozen: bool) -> dict:
+    return {"dataloader__shuffle": False, "freeze_config__freeze_vision_tower": frozen}
+
+
+@pytest.mark.parametrize(
+    "strategy,frozen",
+    [("fsdp2", False), ("ddp", False), pytest.param("fsdp2", True, marks=pytest.mark.slow)],
+)
+def test_a_rank_with_only_text_neither_hangs_nor_drifts(
+    strategy, frozen, tiny_gemma3, mixed_cfg, mixed_single, tmp_path
+):
+    two = _config(
+        tmp_path / "two.yaml",
+        tiny_gemma3,
+        mixed_cfg,
+        tmp_path / "two",
+        distributed__strategy=strategy,
+        **_mixed(frozen),
+    )
+    _close(mixed_single(frozen), _train(two, 2, tmp_path))
+
+
+@pytest.mark.slow
+def test_lora_with_fsdp2_and_activation_checkpointing(tiny_gemma3, receipts_cfg, tmp_path):
+    lora = {"peft__dim": 8, "peft__alpha": 16}
+    one = _config(tmp_path / "one.yaml", tiny_gemma3, receipts_cfg, tmp_path / "one", **lora)
+    two = _config(
+        tmp_path / "two.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        tmp_path / "two",
+        distributed__strategy="fsdp2",
+        distributed__activation_checkpointing=True,
+        **lora,
+    )
+    _close(_train(one, 1, tmp_path), _train(two, 2, tmp_path))
+    adapter = load_file(str(tmp_path / "two" / "final_adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(tmp_path / "one" / "final_adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == reference.keys() and adapter
+    assert max((adapter[k] - reference[k]).abs().max().item() for k in adapter) < TOL
+
+
+def test_distributed_settings_are_checked_before_anything_loads(tmp_path):
+    for override, message in [
+        ("--distributed.strategy=fsdp", "use one of none, ddp, fsdp2"),
+        ("--distributed.cpu_ofload=true", "cpu_offload"),
+    ]:
+        result = run_cli("validate", "-c", ROOT / "examples/vlm/quickstart.yaml", override)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert message in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
+    tiny_gemma3, receipts_cfg, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = _config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        run,
+        step_scheduler__max_steps=400,
+        step_scheduler__ckpt_every_steps=1000,
+    )
+    log = tmp_path / "log"
+    proc = start_cli("finetune", "vlm", "-c", cfg, "--nproc-per-node=2", log=log)
+    deadline = time.monotonic() + 300
+    while "step 3/400" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    step_dir = run / (run / "LATEST").read_text().strip()
+    assert (step_dir / "train_state.rank1.pt").is_file()
+    assert log.read_text().count("stopped: SIGTERM received") == 1
+    stopped_at = json.loads((step_dir / "meta.json").read_text())["step"]
+
+    short = _config(
+        tmp_path / "c2.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        run,
+        step_scheduler__max_steps=stopped_at + 2,
+        step_scheduler__ckpt_every_steps=1000,
+    )
+    result = run_cli("finetune", "vlm", "-c", short, "--nproc-per-node=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {step_dir}" in result.stdout

@@ -187,7 +187,6 @@ def test_a_nemo_automodel_config_runs_with_paths_changed(tmp_path, tiny_gemma3, 
             cwd=tmp_path,
         )
     )
-    assert "note: dist_env is accepted and ignored" in result.stdout
     assert "step 2/2" in result.stdout
     assert (tmp_path / "vlm_checkpoints" / "final_model" / "config.json").is_file()
 

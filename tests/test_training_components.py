@@ -64,7 +64,7 @@ def test_checkpoints_pointers_and_pruning(tmp_path):
         "step_000004",
         "step_000005",
     ]
-    assert read_meta(tmp_path / "step_000003") == {"step": 3, "val_loss": 1.0}
+    assert read_meta(tmp_path / "step_000003") == {"step": 3, "val_loss": 1.0, "world_size": 1}
     assert manager.find_resume() == tmp_path / "step_000005"
     # LATEST lost (a crash right after the rename): the newest complete folder still resumes.
     (tmp_path / "LATEST").unlink()
@@ -99,7 +99,7 @@ def test_a_failed_save_leaves_latest_alone(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("automodel.training.checkpoint.save_model", disk_full)
+    monkeypatch.setattr("automodel.training.checkpoint.save_file", disk_full)
     with pytest.raises(RunStopped, match="No space left on device.*LATEST still names step_000001"):
         manager.save(2, model, {}, {})
     assert (tmp_path / "LATEST").read_text().strip() == "step_000001"

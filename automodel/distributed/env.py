@@ -53,6 +53,53 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_ranks_error(error: str | None) -> str | None:
+    """The first rank's error message when any rank has one (every rank must call this)."""
+    if not is_distributed():
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _flag_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (every rank must call this)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=_flag_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def first_on_any_rank(value):
+    """The lowest rank's ``value`` that is not None, on every rank (None when all are None).
+
+    A stop request (SIGTERM, too many bad steps) seen by one rank stops all at the same step.
+    """
+    if not is_distributed() or not any_rank(value is not None):
+        return value
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return next(v for v in values if v is not None)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a ``DTensor`` (e.g. the grad norm of sharded parameters)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sums ``tensor`` over all ranks in place (a no-op on one process) and returns it."""
     if is_distributed():

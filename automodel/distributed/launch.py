@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,12 +15,15 @@ def launched_by_torchrun() -> bool:
 def relaunch(nproc: int, args: list[str]) -> int:
     """Runs ``python -m automodel ARGS`` as ``nproc`` local processes through torchrun.
 
+    SIGTERM and SIGINT sent to this process go on to torchrun, which passes them to every rank:
+    the ranks checkpoint and stop at the same step.
+
     Args:
         nproc: processes on this node.
         args: the command line without ``--nproc-per-node``.
 
     Returns:
-        torchrun's exit code.
+        torchrun's exit code, or 143 after a SIGTERM (as a single process exits).
     """
     env = dict(os.environ)
     # One BLAS thread per process unless the user chose: N processes already share the cores.
@@ -34,4 +38,19 @@ def relaunch(nproc: int, args: list[str]) -> int:
         "automodel",
         *args,
     ]
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGTERM in received and code != 0:
+        return 128 + signal.SIGTERM
+    return code

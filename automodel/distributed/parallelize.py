@@ -7,6 +7,8 @@ wraps the root in DDP. The model file stays free of distributed code.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -18,9 +20,10 @@ STRATEGIES = ("none", "ddp", "fsdp2")
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformers model: members of a ``ModuleList`` whose class is
     one the model declares unsplittable (``_no_split_modules``), e.g. ``Gemma3DecoderLayer`` and
-    ``SiglipEncoderLayer``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "_no_split_modules", None) or ())
+    ``SiglipEncoderLayer``. ``model`` may wrap the transformers model (PEFT, ``TrainForward``)."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
     blocks = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
@@ -29,13 +32,51 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(inner, "model", inner)
-    for name in ("vision_tower", "vision_model", "visual"):
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return module
+    """The vision tower inside ``model`` (which may wrap the transformers model)."""
+    for module in model.modules():
+        for name in ("vision_tower", "vision_model", "visual"):
+            tower = module._modules.get(name)
+            if isinstance(tower, nn.Module):
+                return tower
     return None
+
+
+DTYPE_KEYS = ("param_dtype", "reduce_dtype")
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def dtype_of(name: str | None, key: str) -> torch.dtype | None:
+    """``bfloat16`` / ``float32`` ... (or ``torch.bfloat16``) as a dtype; None stays None."""
+    if name is None:
+        return None
+    short = str(name).removeprefix("torch.")
+    if short not in _DTYPES:
+        raise UsageError(f"{key}={name!r}: use bfloat16, float16 or float32")
+    return _DTYPES[short]
+
+
+def dp_size_of(dist_cfg: dict) -> int | None:
+    """``distributed.dp_size``: an int, or null / ``none`` for all processes."""
+    value = dist_cfg.get("dp_size")
+    if value is None or str(value).lower() == "none":
+        return None
+    if not isinstance(value, int) or value < 1:
+        raise UsageError(f"distributed.dp_size={value!r}: give a positive integer or null")
+    return value
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP2 root (its parameters are shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def build_mesh(device_type: str, world_size: int, dp_size: int | None = None):
@@ -100,6 +141,9 @@ def parallelize(
 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    # Each rank keeps its slice of the tensors it holds: weights drawn at random on each rank
+    # (LoRA's A, with rank-dependent seeds) would otherwise mix. DDP broadcasts by itself.
+    _broadcast_from_rank0(module, mesh)
     kwargs = {"mesh": mesh}
     if param_dtype is not None or reduce_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
@@ -107,10 +151,57 @@ def parallelize(
         )
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in transformer_blocks(module):
-        fully_shard(block, **kwargs)
+    # The tower (its blocks too) stays gathered from forward to backward: a rank that ran it on a
+    # blank image (no image in its batch) reaches the tower's gradients at another moment than a
+    # rank with images, and a backward all-gather would pair with another collective there.
     tower = vision_tower(module)
+    in_tower = {id(m) for m in tower.modules()} if tower is not None else set()
+    for block in transformer_blocks(module):
+        fully_shard(block, reshard_after_forward=id(block) not in in_tower, **kwargs)
     if tower is not None:
-        fully_shard(tower, **kwargs)
+        fully_shard(tower, reshard_after_forward=False, **kwargs)
     fully_shard(module, **kwargs)
     return module
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(module: nn.Module, mesh) -> None:
+    import torch.distributed as dist
+
+    group = mesh.get_group()
+    source = dist.get_global_rank(group, 0)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=source, group=group)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool):
+    """Skips the gradient reduction of a micro-batch that is not the step's last (DDP, FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel) and not enabled:
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Parameters of an FSDP2 root kept whole while the inner model is called directly (e.g.
+    ``generate``); blocks and the tower still gather their own. Every rank must enter it and make
+    the same calls inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

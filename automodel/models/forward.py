@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+import inspect
 
-from automodel.loss.masked_ce import IGNORE_INDEX
+import torch
+from torch import nn
+
+from automodel.loss.chunked import label_hidden, label_loss, output_logits
 from automodel.peft.lora import unwrap
 
 
@@ -38,12 +41,80 @@ def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor
     Returns:
         ``logits`` ``[N, V]`` and ``targets`` ``[N]`` for the N labelled positions.
     """
-    model = unwrap(model)
-    hidden = model.model(**batch, use_cache=False).last_hidden_state  # [B, T, D]
-    targets = labels[:, 1:]  # position t predicts token t+1
-    keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits.float() / softcap) * softcap
-    return logits, targets[keep]
+    hidden, targets = label_hidden(model, batch, labels)
+    return output_logits(model, hidden), targets
+
+
+# Keys of a collated batch that describe text, not images.
+TEXT_KEYS = {"input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids"}
+
+
+def blank_image_sample() -> dict:
+    """A one-turn sample with a small white image: what a rank without images feeds the tower."""
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), "white")
+    user = [{"type": "image", "image": image}, {"type": "text", "text": "."}]
+    return {
+        "conversation": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": "."}]},
+        ]
+    }
+
+
+def vision_inputs(batch: dict) -> dict:
+    """The image-side inputs of a collated batch (``pixel_values``, ``image_grid_thw`` ...)."""
+    return {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in TEXT_KEYS}
+
+
+def image_features_sum(model, inputs: dict) -> torch.Tensor:
+    """Runs the model's vision path (tower and projector) on ``inputs``; the sum of its outputs."""
+    base = unwrap(model).model
+    fn = base.get_image_features
+    named = inspect.signature(fn).parameters
+    out = fn(**{k: v for k, v in inputs.items() if k in named})
+    return sum(t.float().sum() for t in _tensors(out))
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class TrainForward(nn.Module):
+    """The module the training loop calls: ``(batch, labels, divisor) -> loss``.
+
+    It is the root that DDP or FSDP2 wraps, so their hooks run around the whole step (calling
+    ``model.model`` directly would bypass them). Under data parallelism every rank must run the
+    vision path in every micro-batch, or a rank whose samples have no image skips the tower's
+    collectives (FSDP2 hangs) or leaves its gradients unset (DDP fails): given
+    ``blank_image_inputs``, a batch without images runs the tower on a blank image whose
+    output enters the loss times zero.
+
+    Args:
+        model: the VLM (or a PEFT model wrapping one).
+        loss_fn: the loss (see ``automodel.loss.chunked.label_loss``).
+        blank_image_inputs: the vision inputs of one blank image, on the model's device; None
+            in a single process.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, blank_image_inputs: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.blank_image_inputs = blank_image_inputs
+
+    def forward(self, batch: dict, labels: torch.Tensor, divisor) -> torch.Tensor:
+        blank = None
+        if self.blank_image_inputs is not None and not vision_inputs(batch):
+            blank = image_features_sum(self.model, self.blank_image_inputs)  # before the decoder
+        loss = label_loss(self.model, batch, labels, self.loss_fn, divisor)
+        if blank is not None:
+            loss = loss + 0.0 * blank
+        return loss

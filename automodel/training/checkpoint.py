@@ -25,15 +25,24 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from automodel.config.loader import dump_yaml, load_yaml
+from automodel.distributed.env import all_ranks_error, rank_and_world_size
 from automodel.errors import UsageError
 from automodel.training.metrics import print0
 from automodel.training.signals import RunStopped
 from automodel.training.state import TRAIN_STATE_FILE, save_train_state
 
 MODEL_FILE = "model.safetensors"
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -43,7 +52,7 @@ def check_writable(directory: str | Path) -> Path:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
+        probe = directory / f".write_test.{os.getpid()}"  # one per process: ranks run this too
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -83,53 +92,112 @@ def _adapters_only(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """The whole model (in-memory names), or only the trainable adapters of a PEFT model."""
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameters: each second name of a parameter -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full weights on the CPU under their in-memory names, each tied one once;
+    only the trainable adapters of a PEFT model.
+
+    Sharded (FSDP2) parameters are gathered: under data parallelism every rank must call this.
+    """
+    state = get_model_state_dict(model, options=FULL_ON_CPU)
+    for alias in _aliases(model):
+        state.pop(alias, None)
     if _adapters_only(model):
-        save_file({n: t.contiguous() for n, t in _trainable(model).items()}, str(path))
-    else:
-        save_model(model, str(path))
+        names = _trainable_names(model)
+        state = {k: v for k, v in state.items() if k in names}
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def load_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:
-    """Loads a step checkpoint's weights into ``model``; a missing or extra key is an error.
+    """Loads a step checkpoint's weights into ``model`` (sharded or not); a missing or extra key
+    is an error.
 
     Raises:
         UsageError: the file does not match the model (another model or another layout).
     """
     path = Path(step_dir) / MODEL_FILE
-    device = str(next(model.parameters()).device)
     try:
+        saved = load_file(str(path))
         if _adapters_only(model):
-            saved, params = load_file(str(path), device=device), _trainable(model)
-            if saved.keys() != params.keys():
-                missing = sorted(params.keys() - saved.keys())[:1]
-                extra = sorted(saved.keys() - params.keys())[:1]
-                raise RuntimeError(f"adapter keys differ (missing {missing}, unexpected {extra})")
-            with torch.no_grad():
-                for name, tensor in saved.items():
-                    params[name].copy_(tensor)
-            return
-        load_model(model, path, strict=True, device=device)
-    except RuntimeError as e:
+            expected = _trainable_names(model)
+        else:
+            expected = set(get_model_state_dict(model).keys()) - set(_aliases(model))
+        missing, extra = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
+        if missing or extra:
+            raise RuntimeError(f"keys differ (missing {missing[:1]}, unexpected {extra[:1]})")
+        for alias, name in _aliases(model).items():
+            if name in saved:
+                saved[alias] = saved[name]
+        set_model_state_dict(
+            model, saved, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    except (RuntimeError, OSError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(
             f"{path} does not match this model ({first}); resume with the config that wrote it"
         ) from None
 
 
+class OptimizerState:
+    """The optimizer's state keyed by parameter name, gathered whole (FSDP2 shards included),
+    so it saves from rank 0 and loads on any rank.
+
+    Args:
+        model: the model whose parameters the optimizer updates (names come from it).
+        optimizer: the optimizer.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=FULL_ON_CPU)
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = [v for per_param in state["state"].values() for v in per_param.values()]
+        if not any(torch.is_tensor(t) and t.dim() > 0 for t in tensors):
+            # A stateless optimizer (plain SGD): only the hyperparameters (the lr) to restore;
+            # torch's loader cannot place an empty state on a device.
+            for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+            return
+        set_optimizer_state_dict(
+            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
+
+
 def read_meta(step_dir: str | Path) -> dict:
-    """A step checkpoint's ``meta.json``: ``{"step": int, "val_loss": float | None}``."""
+    """A step checkpoint's ``meta.json``: ``{"step", "val_loss", "world_size"}``."""
     return json.loads((Path(step_dir) / META_FILE).read_text())
 
 
 def load_saved_config(step_dir: str | Path) -> dict:
     """The resolved config a step checkpoint was written with."""
     return load_yaml(Path(step_dir) / "config.yaml")
+
+
+def _attempt(write) -> str | None:
+    """Runs ``write``; returns None, or the one-line reason it failed."""
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch's writer: RuntimeError
+        return (getattr(e, "strerror", None) or str(e)).strip().splitlines()[0]
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -258,6 +326,11 @@ class CheckpointManager:
     ) -> Path | None:
         """Writes ``step_NNNNNN/`` atomically, then ``LATEST``, ``LOWEST_VAL``, ``BEST`` and pruning.
 
+        Under data parallelism every rank calls this: the weights are gathered, rank 0 writes
+        them with its ``train_state``, and every other rank writes its own part of the state
+        (its data position, its random generators) as ``train_state.rank<N>.pt`` inside the
+        folder before rank 0 renames it.
+
         Args:
             best: this step reached a new best ``eval.best_metric``: ``BEST`` names it.
 
@@ -265,43 +338,76 @@ class CheckpointManager:
             The step folder, or None when checkpointing is disabled.
 
         Raises:
-            RunStopped: the folder could not be written (disk full, permissions); the partial
-                folder is removed and ``LATEST`` still names the previous checkpoint.
+            RunStopped: the folder could not be written (disk full, permissions) on any rank;
+                the partial folder is removed and ``LATEST`` still names the previous one.
         """
         if not self.enabled:
             return None
+        rank, world_size = rank_and_world_size()
         final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
-        try:
-            for stale in self.dir.glob("step_*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if not is_complete(final):  # complete already: written before a crash, same content
-                shutil.rmtree(final, ignore_errors=True)  # a folder half deleted by pruning
-                tmp.mkdir(parents=True)
-                save_model_weights(model, tmp / MODEL_FILE)
-                _fsync_file(tmp / MODEL_FILE)
-                save_train_state(train_state, tmp)
-                (tmp / "config.yaml").write_text(dump_yaml(cfg))
-                _fsync_file(tmp / "config.yaml")
-                _write_atomic(tmp / META_FILE, json.dumps({"step": step, "val_loss": val_loss}))
-                os.rename(tmp, final)
-                _fsync_dir(self.dir)
-            _write_atomic(self.dir / "LATEST", final.name + "\n")
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch's writer: RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
+        weights = model_weights(model)  # a collective under FSDP2: before any early exit
+        done = is_complete(final)  # complete already: written before a crash, same content
+        error = None
+        if rank == 0 and not done:
+            error = _attempt(lambda: self._begin(tmp, final))
+        error = all_ranks_error(error)
+        if error is None and not done and rank > 0:
+            error = _attempt(lambda: save_train_state(train_state, tmp, rank=rank))
+        error = all_ranks_error(error)
+        if error is None and rank == 0:
+            error = _attempt(
+                lambda: self._finish(
+                    tmp, final, done, weights, train_state, cfg, step, val_loss, world_size
+                )
+            )
+        error = all_ranks_error(error)
+        if error is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             previous = self.pointer("LATEST")
-            reason = (getattr(e, "strerror", None) or str(e)).strip().splitlines()[0]
             raise RunStopped(
-                f"could not write checkpoint {final} ({reason}); LATEST still names "
+                f"could not write checkpoint {final} ({error}); LATEST still names "
                 f"{previous.name if previous else 'no checkpoint'}: free space or fix "
                 "checkpoint.checkpoint_dir, then rerun the same command to resume"
-            ) from None
-        if val_loss is not None:
-            self._update_lowest_val(final, val_loss)
-        if best:
-            _write_atomic(self.dir / "BEST", final.name + "\n")
-        self._prune()
+            )
+        if rank == 0:
+            if val_loss is not None:
+                self._update_lowest_val(final, val_loss)
+            if best:
+                _write_atomic(self.dir / "BEST", final.name + "\n")
+            self._prune()
         return final
+
+    def _begin(self, tmp: Path, final: Path) -> None:
+        for stale in self.dir.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # a folder half deleted by pruning
+        tmp.mkdir(parents=True)
+
+    def _finish(
+        self,
+        tmp: Path,
+        final: Path,
+        done: bool,
+        weights: dict,
+        train_state: dict,
+        cfg: dict,
+        step: int,
+        val_loss: float | None,
+        world_size: int,
+    ) -> None:
+        if not done:
+            save_file(weights, str(tmp / MODEL_FILE))
+            _fsync_file(tmp / MODEL_FILE)
+            save_train_state(train_state, tmp)
+            (tmp / "config.yaml").write_text(dump_yaml(cfg))
+            _fsync_file(tmp / "config.yaml")
+            meta = {"step": step, "val_loss": val_loss, "world_size": world_size}
+            _write_atomic(tmp / META_FILE, json.dumps(meta))
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+        _write_atomic(self.dir / "LATEST", final.name + "\n")
 
     def _update_lowest_val(self, step_dir: Path, val_loss: float) -> None:
         best = self.pointer("LOWEST_VAL")

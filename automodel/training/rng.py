@@ -22,6 +22,7 @@ class StatefulRNG:
 
     def __init__(self, seed: int = 42, ranked: bool = True):
         rank = int(os.environ.get("RANK", "0")) if ranked else 0
+        self.base_seed = seed  # the same on every rank (data order)
         self.seed = seed + rank
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)

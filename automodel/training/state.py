@@ -14,13 +14,18 @@ from automodel.errors import UsageError
 TRAIN_STATE_FILE = "train_state.pt"
 
 
-def save_train_state(state: dict[str, Any], directory: str | Path) -> Path:
+def train_state_file(rank: int = 0) -> str:
+    """Rank 0's file holds the whole state; another rank's holds only its own part."""
+    return TRAIN_STATE_FILE if rank == 0 else f"train_state.rank{rank}.pt"
+
+
+def save_train_state(state: dict[str, Any], directory: str | Path, rank: int = 0) -> Path:
     """Writes ``state`` (tensors, numbers, strings, lists, tuples, dicts) with ``torch.save``.
 
     Returns:
         The file written, flushed to disk.
     """
-    path = Path(directory) / TRAIN_STATE_FILE
+    path = Path(directory) / train_state_file(rank)
     with open(path, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -28,15 +33,23 @@ def save_train_state(state: dict[str, Any], directory: str | Path) -> Path:
     return path
 
 
-def load_train_state(directory: str | Path) -> dict[str, Any]:
+def load_train_state(directory: str | Path, rank: int = 0) -> dict[str, Any]:
     """Reads a training state with ``weights_only=True``: no foreign object is unpickled.
+
+    For ``rank`` > 0 the rank's own part (data position, random generators) replaces rank 0's.
 
     Raises:
         UsageError: the file is missing or holds something other than plain data.
     """
-    path = Path(directory) / TRAIN_STATE_FILE
+    state = _load(Path(directory) / TRAIN_STATE_FILE)
+    if rank > 0:
+        state.update(_load(Path(directory) / train_state_file(rank)))
+    return state
+
+
+def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UsageError(f"{path} is missing: {Path(directory).name} is not a complete checkpoint")
+        raise UsageError(f"{path} is missing: {path.parent.name} is not a complete checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:

@@ -10,6 +10,7 @@ import copy
 
 from automodel.config.compat import DEFAULT_COLLATE, translate_seed_layout
 from automodel.config.validate import Schema, validate_config
+from automodel.distributed.parallelize import STRATEGIES
 from automodel.errors import UsageError
 from automodel.training.loggers import check_installed
 
@@ -92,10 +93,30 @@ SCHEMA = Schema(
             "gallery_size": int,
         },
         "data_check": {"on_bad_sample": str, "max_bad_fraction": float},
-    },
-    noticed={
-        "dist_env": "dist_env is accepted and ignored: this run uses one process",
-        "distributed": "distributed is accepted and ignored: this run uses one process",
+        "distributed": {
+            "strategy": str,
+            "dp_size": (int, str, type(None)),
+            "tp_size": int,
+            "cp_size": int,
+            "sequence_parallel": bool,
+            "activation_checkpointing": bool,
+            "param_dtype": (str, type(None)),
+            "reduce_dtype": (str, type(None)),
+            "cpu_offload": bool,
+        },
+        "dist_env": {"backend": (str, type(None)), "timeout_minutes": int},
+        "vision_cache": {
+            "enabled": bool,
+            "max_images": (int, type(None)),
+            "device": (str, type(None)),
+        },
+        "compile": {
+            "enabled": bool,
+            "mode": (str, type(None)),
+            "dynamic": (bool, type(None)),
+            "fullgraph": bool,
+            "backend": str,
+        },
     },
     top_level={"allowed_target_prefixes": list, "prepare": list},
 )
@@ -127,7 +148,14 @@ DEFAULTS = {
         "gallery_size": 8,
     },
     "data_check": {"on_bad_sample": "error", "max_bad_fraction": 0.1},
+    "distributed": {"strategy": "fsdp2", "activation_checkpointing": False, "cpu_offload": False},
+    "dist_env": {"backend": None, "timeout_minutes": 10},
+    "vision_cache": {"enabled": False},
+    "compile": {"enabled": False},
 }
+
+# Keys of the loader sections that the recipe reads itself (never passed to the loader).
+LOADER_KEYS = {"group_by_length": bool}
 
 
 def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
@@ -147,6 +175,27 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
             node.setdefault(key, copy.deepcopy(value))
     collate = resolved["dataloader"].setdefault("collate_fn", {"_target_": DEFAULT_COLLATE})
     collate.setdefault("_target_", DEFAULT_COLLATE)
+    own = {}
+    for section in ("dataloader", "validation_dataloader"):
+        node = resolved.get(section)
+        if isinstance(node, dict):
+            own[section] = {k: node.pop(k) for k in LOADER_KEYS if k in node}
+    # optimizer.param_groups is read by build_optimizer, not passed to the optimizer's class.
+    groups = resolved["optimizer"].pop("param_groups", None)
     notices = validate_config(resolved, SCHEMA)
+    if groups is not None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise UsageError(
+                f"optimizer.param_groups={groups!r} should be a list of {{match: REGEX, lr: ...}}"
+            )
+        resolved["optimizer"]["param_groups"] = groups
+    for section, keys in own.items():
+        for key, value in keys.items():
+            if not isinstance(value, LOADER_KEYS[key]):
+                raise UsageError(f"{section}.{key}={value!r} should be true or false")
+        resolved[section].update(keys)
+    strategy = resolved["distributed"]["strategy"]
+    if strategy not in STRATEGIES:
+        raise UsageError(f"distributed.strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
     check_installed(resolved)
     return resolved, notices

@@ -9,6 +9,7 @@ newest step checkpoint, to the same result as a run never interrupted.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -16,22 +17,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchdata.stateful_dataloader.sampler import RandomSampler
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import dump_yaml
 from automodel.datasets.checks import screen_dataset
+from automodel.datasets.samplers import LengthGroupedSampler, estimate_lengths
+from automodel.distributed.env import (
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    destroy,
+    first_on_any_rank,
+    full_tensor,
+    init_distributed,
+    loss_divisor,
+)
+from automodel.distributed.parallelize import (
+    DTYPE_KEYS,
+    build_mesh,
+    dp_size_of,
+    dtype_of,
+    gathered,
+    gradient_sync,
+    is_sharded,
+    parallelize,
+)
 from automodel.errors import UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.generation import generate_reply, prompt_messages, reply_text
 from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.auto import load_processor
-from automodel.models.forward import label_logits, to_model
+from automodel.models.compile import compile_model
+from automodel.models.forward import TrainForward, blank_image_sample, to_model, vision_inputs
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
+from automodel.models.vision_cache import build_vision_cache
 from automodel.peft import apply_lora, is_peft_model, merge
 from automodel.recipes.vlm.config import DEFAULTS, resolve_config
 from automodel.training.checkpoint import (
+    FULL_ON_CPU,
     CheckpointManager,
+    OptimizerState,
     changed_keys,
     check_writable,
     load_model_weights,
@@ -43,10 +70,14 @@ from automodel.training.checkpoint import (
 from automodel.training.guards import NonFiniteGuard
 from automodel.training.loggers import build_sinks
 from automodel.training.metrics import MetricsLogger, peak_memory_gb, print0
+from automodel.training.optim import build_optimizer
 from automodel.training.plot import plot_losses
 from automodel.training.schedule import build_lr_scheduler
 from automodel.training.signals import RunStopped, StopOnSigterm, stop_reason
 from automodel.training.state import collect_state, load_train_state, restore_state
+
+# The parts of the training state that differ between data-parallel ranks.
+RANK_STATE = ("dataloader", "rng", "dropped_samples")
 
 
 class FinetuneRecipeForVLM:
@@ -62,38 +93,40 @@ class FinetuneRecipeForVLM:
         for notice in self.notices:
             print0(notice)
         self.extra_prefixes = tuple(cfg.get("allowed_target_prefixes") or ())
+        self.dist = init_distributed(**cfg["dist_env"])
+        self.device = self.dist.device
         self.out_dir = check_writable(cfg["checkpoint"]["checkpoint_dir"])
         self.checkpoints = self.build_checkpoints(cfg["checkpoint"])
         self.resume_dir = self.checkpoints.find_resume(cfg["checkpoint"].get("restore_from"))
-        save_config(cfg, self.out_dir)
+        if self.dist.is_main:
+            save_config(cfg, self.out_dir)
         self.rng = self.build("rng")
         self.run_prepare(cfg.get("prepare") or [])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
         self.model = self.build_model(cfg["model"], cfg["freeze_config"], cfg.get("peft"))
+        self.vision_cache = build_vision_cache(self.model, **cfg["vision_cache"])
+        compile_model(self.model, **cfg["compile"])
         self.processor = self.build_processor(cfg)
         self.collate = self.build_collate(cfg["dataloader"]["collate_fn"])
+        self.loss_fn = self.build("loss_fn")
+        self.train_module = self.build_parallel(cfg["distributed"])
         steps = cfg["step_scheduler"]
         self.local_batch_size = steps["local_batch_size"]
-        self.dp_size = 1  # data-parallel ranks: one process in this version
-        self.grad_accum = self.build_grad_accum(steps, self.dp_size)
+        self.grad_accum = self.build_grad_accum(steps, self.dist.world_size)
         self.train_dataset = self.build_dataset("dataset")
-        self.train_loader = self.build_dataloader(
-            cfg["dataloader"], self.train_dataset, shuffle=True
-        )
+        self.train_loader = self.build_dataloader(cfg["dataloader"], self.train_dataset, train=True)
         self.val_loader = None
         if cfg.get("validation_dataset"):
             self.val_dataset = self.build_dataset("validation_dataset")
             loader_cfg = cfg.get("validation_dataloader") or cfg["dataloader"]
-            self.val_loader = self.build_dataloader(loader_cfg, self.val_dataset, shuffle=False)
+            self.val_loader = self.build_dataloader(loader_cfg, self.val_dataset, train=False)
         self.max_steps = self.build_max_steps(steps, len(self.train_dataset))
-        self.optimizer = self.build(
-            "optimizer", [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(
+            self.cfg["optimizer"], self.model, extra_prefixes=self.extra_prefixes
         )
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, self.max_steps, **cfg["lr_scheduler"]
         )
-        self.loss_fn = self.build("loss_fn")
         self.vision_loss = self.build("vision_loss", self.model)  # weight 0: loss unchanged
         self.autocast_dtype = self.build_autocast(cfg["precision"]["autocast"])
         self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
@@ -122,11 +155,50 @@ class FinetuneRecipeForVLM:
         return screen_dataset(self.build(section), section, self.out_dir, **self.cfg["data_check"])
 
     def run_prepare(self, steps: list) -> None:
-        """Runs the config's ``prepare`` targets (e.g. building a tiny model or a dataset)."""
+        """Runs the config's ``prepare`` targets (e.g. building a tiny model or a dataset), once
+        per node: the other processes wait for it."""
         if not isinstance(steps, list):
             raise UsageError("prepare must be a list of _target_ entries")
-        for i, node in enumerate(steps):
-            instantiate(node, where=f"prepare[{i}]", extra_prefixes=self.extra_prefixes)
+        if self.dist.local_rank == 0:
+            for i, node in enumerate(steps):
+                instantiate(node, where=f"prepare[{i}]", extra_prefixes=self.extra_prefixes)
+        barrier()
+
+    def build_parallel(self, dist_cfg: dict) -> torch.nn.Module:
+        """The module the loop calls, made data parallel over all processes (``distributed``)."""
+        world_size = self.dist.world_size
+        strategy = dist_cfg["strategy"] if world_size > 1 else "none"
+        for key in ("tp_size", "cp_size"):
+            if dist_cfg.get(key) not in (None, 1):
+                raise UsageError(f"distributed.{key}={dist_cfg[key]}: only data parallelism (1)")
+        if dist_cfg.get("sequence_parallel"):
+            raise UsageError("distributed.sequence_parallel: not available; set it to false")
+        if world_size > 1 and self.cfg["vision_loss"].get("weight"):
+            raise UsageError("vision_loss.weight > 0 runs in one process only; set it to 0")
+        if world_size > 1 and strategy == "fsdp2" and self.cfg["vision_cache"]["enabled"]:
+            raise UsageError(
+                "vision_cache with distributed.strategy=fsdp2 would skip the sharded tower's "
+                "collectives on some ranks: use strategy ddp or turn the cache off"
+            )
+        blank = None
+        if world_size > 1:
+            blank = vision_inputs(to_model(self.collate([blank_image_sample()]), self.model))
+        module = TrainForward(self.model, self.loss_fn, blank)
+        mesh = None
+        if strategy != "none":
+            mesh = build_mesh(self.device.type, world_size, dp_size_of(dist_cfg))
+        dtypes = {k: dtype_of(dist_cfg.get(k), f"distributed.{k}") for k in DTYPE_KEYS}
+        module = parallelize(
+            module,
+            mesh,
+            strategy,
+            activation_checkpointing=dist_cfg["activation_checkpointing"],
+            cpu_offload=dist_cfg["cpu_offload"],
+            **dtypes,
+        )
+        if world_size > 1:
+            print0(f"data parallel: {strategy} over {world_size} processes")
+        return module
 
     def build_model(self, model_cfg: dict, freeze_cfg: dict, peft_cfg: dict | None):
         model = instantiate(model_cfg, where="model", extra_prefixes=self.extra_prefixes)
@@ -166,15 +238,25 @@ class FinetuneRecipeForVLM:
             )
         return global_bs // (local_bs * dp_size)
 
-    def build_dataloader(self, loader_cfg: dict, dataset, shuffle: bool):
+    def build_dataloader(self, loader_cfg: dict, dataset, train: bool):
         node = {k: v for k, v in loader_cfg.items() if k != "collate_fn"}
         node.setdefault("_target_", DEFAULTS["dataloader"]["_target_"])
-        if node.pop("shuffle", shuffle):
-            # The sampler shuffles with a generator of its own, whose state the loader's
-            # state_dict saves. Sharing the loader's generator (which also draws worker seeds)
-            # made a resumed run shuffle the following epochs differently.
-            order = torch.Generator().manual_seed(self.rng.seed)
-            node["sampler"] = RandomSampler(dataset, generator=order)
+        grouped, shuffle = node.pop("group_by_length", False), node.pop("shuffle", train)
+        rank, world_size, seed = self.dist.rank, self.dist.world_size, self.rng.base_seed
+        if train and shuffle and grouped:  # batches of similar length: less compute on padding
+            lengths = estimate_lengths(dataset, self.processor)
+            node["sampler"] = LengthGroupedSampler(
+                lengths, self.local_batch_size, rank=rank, world_size=world_size, seed=seed
+            )
+        elif train:
+            # Each rank reads its share of one permutation (seed + epoch, the same on every
+            # rank), so N processes see the global batches one process would; the sampler's
+            # position is part of the loader's state_dict, hence of every checkpoint.
+            node["sampler"] = StatefulDistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+            )
+        elif world_size > 1:  # evaluation: every sample once, on one rank
+            node["sampler"] = list(range(rank, len(dataset), world_size))
         if not torch.cuda.is_available():
             node["pin_memory"] = False
         generator = torch.Generator().manual_seed(self.rng.seed + 1)
@@ -208,14 +290,20 @@ class FinetuneRecipeForVLM:
 
     # ----------------------------------------------------------------------------- training
     def batches(self, loader) -> Iterator[dict]:
-        """Endless batches, epoch after epoch; batches whose samples were all dropped are skipped.
+        """Endless batches, epoch after epoch; batches whose samples were all dropped are skipped
+        (under data parallelism they become a batch without labels, so every rank takes part in
+        every step's collectives).
 
         A loader restored at the end of an epoch yields nothing once, then the next epoch.
         """
         resumed = self.step > 0
         while True:
             produced = False
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(self.epoch)
             for batch in loader:
+                if batch is None and self.dist.world_size > 1:
+                    batch = self.idle_batch()
                 if batch is None:
                     continue
                 self.window["images"] += batch.pop("num_images", 0)
@@ -231,14 +319,20 @@ class FinetuneRecipeForVLM:
             resumed = False
             self.epoch += 1
 
-    def forward_loss(self, batch: dict, num_label_tokens) -> torch.Tensor:
-        """Loss for one micro-batch, divided by the step's label-token count."""
+    def idle_batch(self) -> dict:
+        """One blank-image sample with no label: a micro-batch that changes nothing."""
+        batch = self.collate([blank_image_sample()])
+        batch["labels"].fill_(IGNORE_INDEX)
+        batch["num_images"] = 0
+        return batch
+
+    def forward_loss(self, batch: dict, divisor) -> torch.Tensor:
+        """Loss for one micro-batch: its summed token losses over ``divisor``."""
         labels = batch.pop("labels")
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, self.autocast_dtype, enabled=enabled):
-            logits, targets = label_logits(self.model, batch, labels)
-        loss = self.loss_fn(logits, targets, num_label_tokens)
-        return self.vision_loss(loss, batch, labels, num_label_tokens)
+            loss = self.train_module(batch, labels, divisor)
+        return self.vision_loss(loss, batch, labels, divisor)
 
     def train(self) -> Path:
         """Runs the remaining steps, then writes ``final_model`` and ``loss.png``.
@@ -258,17 +352,38 @@ class FinetuneRecipeForVLM:
             print0(f"{self.dropped_samples} samples were dropped during training (reasons above)")
         if self.guard.skipped_steps:
             print0(f"{self.guard.skipped_steps} steps were skipped (non-finite loss or grad norm)")
-        if is_peft_model(self.model):
-            adapter = save_hf_folder(self.model, self.processor, self.out_dir / "final_adapter")
-            print0(f"saved {adapter}")
-            self.model = merge(self.model)  # final_model is the merged, ordinary model
-        final = save_hf_folder(self.model, self.processor, self.out_dir / "final_model")
-        print0(f"saved {final}")
-        picture = plot_losses(self.out_dir)
-        if picture is not None:
-            print0(f"saved {picture}")
-        self.preview()
+        final = self.out_dir / "final_model"
+        model = self.unsharded_model()
+        if self.dist.is_main:
+            if is_peft_model(model):
+                adapter = save_hf_folder(model, self.processor, self.out_dir / "final_adapter")
+                print0(f"saved {adapter}")
+                model = merge(model)  # final_model is the merged, ordinary model
+            save_hf_folder(model, self.processor, final)
+            print0(f"saved {final}")
+            picture = plot_losses(self.out_dir)
+            if picture is not None:
+                print0(f"saved {picture}")
+            self.preview(model)
+        barrier()
         return final
+
+    def unsharded_model(self):
+        """The trained model whole, on rank 0 (None on the others; every rank must call this).
+
+        Without FSDP2 every rank holds it already. Under FSDP2 the shards are gathered into a
+        fresh copy of the model built from the config on rank 0's CPU.
+        """
+        if not is_sharded(self.train_module):
+            return self.model
+        state = get_model_state_dict(self.model, options=FULL_ON_CPU)
+        if not self.dist.is_main:
+            return None
+        model = instantiate(self.cfg["model"], where="model", extra_prefixes=self.extra_prefixes)
+        if self.cfg.get("peft"):
+            model = apply_lora(model, self.build("peft"))
+        model.load_state_dict(state, strict=True)
+        return model
 
     def train_steps(self, sigterm: StopOnSigterm) -> None:
         steps = self.cfg["step_scheduler"]
@@ -287,13 +402,18 @@ class FinetuneRecipeForVLM:
             step = self.step
             micro = [to_model(next(train_batches), self.model) for _ in range(self.grad_accum)]
             num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
+            # Summed token losses over (global label tokens / ranks): the ranks' averaged
+            # gradients equal those of one process with the whole global batch.
+            divisor = loss_divisor(num_label_tokens, self.dist.world_size)
             step_loss = torch.zeros((), device=self.device)
-            for mb in micro:
+            for i, mb in enumerate(micro):
                 self.window["tokens"] += mb["attention_mask"].sum()
-                loss = self.forward_loss(mb, num_label_tokens)
-                loss.backward()
+                with gradient_sync(self.train_module, enabled=i == len(micro) - 1):
+                    loss = self.forward_loss(mb, divisor)
+                    loss.backward()
                 step_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            step_loss = all_reduce_sum(step_loss) / self.dist.world_size
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if self.guard.check(step_loss, grad_norm):
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -314,9 +434,10 @@ class FinetuneRecipeForVLM:
                 val_loss = self.validate_and_log(step)
             is_best = False
             if self.evaluator is not None and self.evaluator.due(step):
-                _, is_best = self.evaluator.run(self.model, step)
+                with gathered(self.train_module):  # every rank generates the same replies
+                    _, is_best = self.evaluator.run(self.model, step)
                 self.set_train_mode()
-            stop = stop_reason(sigterm, self.guard)
+            stop = first_on_any_rank(stop_reason(sigterm, self.guard))
             due = ckpt_every and (step % ckpt_every == 0 or step == self.max_steps)
             if stop or due or is_best:  # a new best eval score gets a checkpoint BEST names
                 saved = self.checkpoints.save(
@@ -336,14 +457,16 @@ class FinetuneRecipeForVLM:
     def log_window(self, step: int, grad_norm: torch.Tensor, seconds: float) -> None:
         # The only host syncs of the loop besides the finiteness check happen here.
         window = self.window
+        tokens = all_reduce_sum(window["tokens"].float())  # throughput of all ranks
+        images = all_reduce_sum(torch.tensor(float(window["images"]), device=self.device))
         self.logger.log_train(
             step,
             {
                 "loss": float(window["loss"]) / window["steps"] if window["steps"] else math.nan,
                 "lr": self.lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "tokens_per_s": float(window["tokens"]) / seconds,
-                "images_per_s": float(window["images"]) / seconds,
+                "tokens_per_s": float(tokens) / seconds,
+                "images_per_s": float(images) / seconds,
                 "peak_memory_gb": peak_memory_gb(self.device),
                 "skipped_steps": self.guard.skipped_steps,
                 "epoch": self.epoch,
@@ -356,7 +479,7 @@ class FinetuneRecipeForVLM:
     def stateful(self) -> dict[str, Any]:
         """Everything with a state_dict that a resumed run must get back."""
         return {
-            "optimizer": self.optimizer,
+            "optimizer": OptimizerState(self.model, self.optimizer),  # gathered under FSDP2
             "lr_scheduler": self.lr_scheduler,
             "dataloader": self.train_loader,
             "rng": self.rng,
@@ -364,18 +487,28 @@ class FinetuneRecipeForVLM:
         }
 
     def train_state(self) -> dict:
-        return collect_state(
+        """The state to save; a rank other than 0 keeps only its own part (RANK_STATE)."""
+        state = collect_state(
             self.stateful(),
             step=self.step,
             epoch=self.epoch,
             dropped_samples=self.dropped_samples,
             window={"loss": self.window["loss"].cpu(), "steps": self.window["steps"]},
         )
+        if not self.dist.is_main:
+            state = {k: v for k, v in state.items() if k in RANK_STATE}
+        return state
 
     def restore(self, step_dir: Path) -> None:
         """Loads weights strictly and the whole training state from a step checkpoint."""
+        saved_world = read_meta(step_dir).get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise UsageError(
+                f"{step_dir} was written by {saved_world} processes: resume it with "
+                f"--nproc-per-node {saved_world} (each process's data position is saved)"
+            )
         load_model_weights(self.model, step_dir)
-        rest = restore_state(self.stateful(), load_train_state(step_dir))
+        rest = restore_state(self.stateful(), load_train_state(step_dir, self.dist.rank))
         self.step, self.epoch = rest["step"], rest["epoch"]
         self.dropped_samples = rest["dropped_samples"]
         self.window["loss"] = rest["window"]["loss"].to(self.device)
@@ -398,17 +531,22 @@ class FinetuneRecipeForVLM:
         self.model.eval()
         limit = self.cfg["step_scheduler"].get("val_batches")
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        tokens = 0
-        for i, batch in enumerate(self.val_loader):
-            if limit is not None and i >= limit:
+        tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+        loader, end = iter(self.val_loader), object()
+        for i in itertools.count():
+            batch = next(loader, end) if limit is None or i < limit else end
+            # Ranks hold different numbers of batches: one that has run out runs batches
+            # without labels until all have, so every forward's collectives have partners.
+            if not any_rank(batch is not end):
                 break
-            if batch is None:
-                continue
-            batch.pop("dropped", None)
+            if batch is end or batch is None:
+                if self.dist.world_size == 1:
+                    continue
+                batch = self.idle_batch()
             batch = to_model(batch, self.model)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             total += self.forward_loss(batch, 1).double()
-            tokens += n
+        total, tokens = all_reduce_sum(total), int(all_reduce_sum(tokens))
         return {"val_loss": float(total) / max(1, tokens), "val_tokens": tokens}
 
     def validate_and_log(self, step: int) -> float:
@@ -417,7 +555,7 @@ class FinetuneRecipeForVLM:
         self.set_train_mode()
         return metrics["val_loss"]
 
-    def preview(self) -> None:
+    def preview(self, model) -> None:
         """Prints the model's reply for the first validation samples next to the reference."""
         cfg = self.cfg["preview"]
         dataset = getattr(self, "val_dataset", None)
@@ -426,7 +564,7 @@ class FinetuneRecipeForVLM:
         for i in range(min(cfg["num_samples"], len(dataset))):
             conversation = dataset[i]["conversation"]
             prediction = generate_reply(
-                self.model, self.processor, prompt_messages(conversation), cfg["max_new_tokens"]
+                model, self.processor, prompt_messages(conversation), cfg["max_new_tokens"]
             )
             print0(f"validation sample {i}")
             print0(f"  reference:  {reply_text(conversation[-1])}")
@@ -436,5 +574,8 @@ class FinetuneRecipeForVLM:
 def run(cfg: dict) -> Path:
     """Builds the recipe from a config, trains, and returns the ``final_model`` folder."""
     recipe = FinetuneRecipeForVLM(cfg)
-    recipe.setup()
-    return recipe.train()
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        destroy()
