@@ -285,3 +285,23 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
     result = run_cli("finetune", "vlm", "-c", short, "--nproc-per-node=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {step_dir}" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family,strategy", [("llava", "fsdp2"), ("llava", "ddp"), ("qwen2_vl", "fsdp2")]
+)
+def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mixed_cfg, tmp_path):
+    """LLaVA reads the tower's second-to-last layer (unused parameters: frozen under DDP and
+    FSDP2) and records hidden states by class name (kept under FSDP2); Qwen2-VL has mRoPE."""
+    model = tiny_family(family)
+    one = _config(tmp_path / "one.yaml", model, mixed_cfg, tmp_path / "one", **_mixed(False))
+    two = _config(
+        tmp_path / "two.yaml",
+        model,
+        mixed_cfg,
+        tmp_path / "two",
+        distributed__strategy=strategy,
+        **_mixed(False),
+    )
+    _close(_train(one, 1, tmp_path), _train(two, 2, tmp_path))

@@ -156,12 +156,56 @@ def parallelize(
     # rank with images, and a backward all-gather would pair with another collective there.
     tower = vision_tower(module)
     in_tower = {id(m) for m in tower.modules()} if tower is not None else set()
-    for block in transformer_blocks(module):
-        fully_shard(block, reshard_after_forward=id(block) not in in_tower, **kwargs)
-    if tower is not None:
-        fully_shard(tower, reshard_after_forward=False, **kwargs)
-    fully_shard(module, **kwargs)
+    with _output_recording_kept(module):
+        for block in transformer_blocks(module):
+            fully_shard(block, reshard_after_forward=id(block) not in in_tower, **kwargs)
+        if tower is not None:
+            fully_shard(tower, reshard_after_forward=False, **kwargs)
+        fully_shard(module, **kwargs)
     return module
+
+
+def freeze_unreached(module: nn.Module, batch: dict, labels: torch.Tensor) -> list[str]:
+    """Freezes the trainable parameters that one training step on ``batch`` gives no gradient.
+
+    DDP stops when a trainable parameter gets no gradient (e.g. LLaVA reads the tower's
+    second-to-last layer: its last layer and ``post_layernorm`` never train). Such parameters
+    cannot change in any run, so freezing them changes nothing but lets DDP run.
+
+    Args:
+        module: the ``TrainForward`` root (called as ``module(batch, labels, divisor)``).
+        batch, labels: one collated sample with an image and a labelled reply.
+
+    Returns:
+        The names frozen.
+    """
+    module(batch, labels, 1).backward()
+    unreached = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in module.named_parameters():
+        param.grad = None
+        if name in unreached:
+            param.requires_grad_(False)
+    return unreached
+
+
+@contextlib.contextmanager
+def _output_recording_kept(module: nn.Module):
+    """Keeps transformers' hidden-state recording working on modules ``fully_shard`` re-classes.
+
+    transformers keys each model's recordable outputs on its class name; ``fully_shard`` swaps
+    the class (``CLIPVisionModel`` -> ``FSDPCLIPVisionModel``), after which e.g. LLaVA's tower
+    returns no ``hidden_states`` and its image features fail.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers layout: nothing to keep
+        yield
+        return
+    before = {id(m): (m, _CAN_RECORD_REGISTRY.get(m)) for m in module.modules()}
+    yield
+    for m, recordable in before.values():
+        if recordable and not _CAN_RECORD_REGISTRY.get(m):
+            _CAN_RECORD_REGISTRY[m] = recordable
 
 
 @torch.no_grad()

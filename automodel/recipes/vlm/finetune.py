@@ -39,6 +39,7 @@ from automodel.distributed.parallelize import (
     build_mesh,
     dp_size_of,
     dtype_of,
+    freeze_unreached,
     gathered,
     gradient_sync,
     is_sharded,
@@ -184,6 +185,14 @@ class FinetuneRecipeForVLM:
         if world_size > 1:
             blank = vision_inputs(to_model(self.collate([blank_image_sample()]), self.model))
         module = TrainForward(self.model, self.loss_fn, blank)
+        if strategy != "none":
+            batch = to_model(self.collate([blank_image_sample()]), self.model)
+            unreached = freeze_unreached(module, batch, batch.pop("labels"))
+            if unreached:
+                print0(
+                    f"frozen: {len(unreached)} parameters the loss never reaches (each rank must "
+                    f"reduce the same gradients), e.g. {unreached[0].removeprefix('model.')}"
+                )
         mesh = None
         if strategy != "none":
             mesh = build_mesh(self.device.type, world_size, dp_size_of(dist_cfg))
