@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 OVERLENGTH_POLICIES = ("drop", "error")
 
 # Keys whose second dimension is the sequence: truncated together with input_ids.
-_SEQUENCE_KEYS = (
+SEQUENCE_KEYS = (
     "input_ids",
     "attention_mask",
     "token_type_ids",
@@ -532,7 +532,7 @@ def default_collate_fn(
     if not keep:
         return None
     if max_length is not None and batch["input_ids"].shape[1] > max_length:
-        for key in _SEQUENCE_KEYS:
+        for key in SEQUENCE_KEYS:
             if key in batch and torch.is_tensor(batch[key]) and batch[key].dim() >= 2:
                 batch[key] = batch[key][:, :max_length]
     resized = [(names[i], round(s, 4)) for i, s in scales.items() if i in keep]

@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import nn
 
+from automodel.datasets.collate import SEQUENCE_KEYS
 from automodel.loss.chunked import label_hidden, label_loss, output_logits
 from automodel.peft.lora import unwrap
 
@@ -45,10 +46,6 @@ def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor
     return output_logits(model, hidden), targets
 
 
-# Keys of a collated batch that describe text, not images.
-TEXT_KEYS = {"input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids"}
-
-
 def blank_image_sample() -> dict:
     """A one-turn sample with a small white image: what a rank without images feeds the tower."""
     from PIL import Image
@@ -65,7 +62,7 @@ def blank_image_sample() -> dict:
 
 def vision_inputs(batch: dict) -> dict:
     """The image-side inputs of a collated batch (``pixel_values``, ``image_grid_thw`` ...)."""
-    return {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in TEXT_KEYS}
+    return {k: v for k, v in batch.items() if torch.is_tensor(v) and k not in SEQUENCE_KEYS}
 
 
 def image_features_sum(model, inputs: dict) -> torch.Tensor:

@@ -132,15 +132,15 @@ def load_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:
     """
     path = Path(step_dir) / MODEL_FILE
     try:
-        saved = load_file(str(path))
+        saved, aliases = load_file(str(path)), _aliases(model)
         if _adapters_only(model):
             expected = _trainable_names(model)
         else:
-            expected = set(get_model_state_dict(model).keys()) - set(_aliases(model))
+            expected = set(get_model_state_dict(model).keys()) - set(aliases)
         missing, extra = sorted(expected - saved.keys()), sorted(saved.keys() - expected)
         if missing or extra:
             raise RuntimeError(f"keys differ (missing {missing[:1]}, unexpected {extra[:1]})")
-        for alias, name in _aliases(model).items():
+        for alias, name in aliases.items():
             if name in saved:
                 saved[alias] = saved[name]
         set_model_state_dict(

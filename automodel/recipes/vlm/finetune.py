@@ -181,13 +181,13 @@ class FinetuneRecipeForVLM:
                 "vision_cache with distributed.strategy=fsdp2 would skip the sharded tower's "
                 "collectives on some ranks: use strategy ddp or turn the cache off"
             )
-        blank = None
-        if world_size > 1:
-            blank = vision_inputs(to_model(self.collate([blank_image_sample()]), self.model))
-        module = TrainForward(self.model, self.loss_fn, blank)
+        blank = to_model(self.collate([blank_image_sample()]), self.model)
+        blank_labels = blank.pop("labels")
+        module = TrainForward(
+            self.model, self.loss_fn, vision_inputs(blank) if world_size > 1 else None
+        )
         if strategy != "none":
-            batch = to_model(self.collate([blank_image_sample()]), self.model)
-            unreached = freeze_unreached(module, batch, batch.pop("labels"))
+            unreached = freeze_unreached(module, blank, blank_labels)
             if unreached:
                 print0(
                     f"frozen: {len(unreached)} parameters the loss never reaches (each rank must "
