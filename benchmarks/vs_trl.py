@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~30 min)
     python benchmarks/vs_trl.py --quick         # a smoke run: tiny model, 2 steps, 1 round
+    python benchmarks/vs_trl.py --gpu           # CUDA: a Gemma-3-4B-shaped model with LoRA
 
 Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
 262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
@@ -14,6 +15,13 @@ Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
 median of the rounds. Rows ``automodel -<lever>`` switch one lever off on configuration (b) to
 show what it contributes. The last line reads
 ``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL peak memory on (b)>``.
+
+``--gpu`` runs configuration (b) only, on one CUDA device, with a randomly initialised model of
+Gemma 3 4B's shape (text 2560 x 34 layers, SigLIP 1152 x 27 layers at 896 px, 262k vocabulary),
+bf16 weights and autocast, and the same LoRA (r 16, alpha 32, the language model's linear layers)
+on both sides; memory is ``torch.cuda.max_memory_allocated``, and MFU counts 4 FLOPs per frozen
+weight and 6 per trainable one for every token (decoder linear layers and the output projection),
+plus 2 per vision-tower weight for every image patch, against the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -59,6 +67,28 @@ QUICK_SIZES = {
     "vision_num_attention_heads": 2,
     "image_size": 64,
 }
+# Gemma 3 4B's shape (a random model of it is built once, ~17 GB in fp32, for --gpu).
+GPU_SIZES = {
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "sliding_window": 1024,
+    "vision_hidden_size": 1152,
+    "vision_intermediate_size": 4304,
+    "vision_num_hidden_layers": 27,
+    "vision_num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "mm_tokens_per_image": 256,
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+# The language model's linear layers (what automodel's default LoRA targets), for TRL's PEFT.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Dense bf16 peak FLOP/s by device name (an unknown device needs --peak-tflops).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 CONFIGS = {"a": 2048, "b": 262144}
 
 # Levers of the automodel side; each "-lever" row turns one off.
@@ -66,9 +96,13 @@ LEVERS = {
     "chunked_ce": {"loss_fn": {"_target_": "automodel.loss.ChunkedCrossEntropy"}},
     "group_by_length": {"dataloader": {"group_by_length": True}},
     "vision_cache": {"vision_cache": {"enabled": True}},
+    "packing": {"packing": {"enabled": True}},
 }
 # Off by default (its first step compiles for about a minute); --compile-row adds a "+compile" row.
-OPTIONAL_LEVERS = {"compile": {"compile": {"enabled": True}}}
+OPTIONAL_LEVERS = {
+    "compile": {"compile": {"enabled": True}},
+    "fused_adamw": {"optimizer": {"fused": True}},
+}
 
 WORDS = [
     *("total", "cash", "change", "coffee", "latte", "tea", "croissant", "muffin", "bagel"),
@@ -166,6 +200,10 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "precision": {"autocast": "none"},
         "checkpoint": {"enabled": False, "checkpoint_dir": out},
     }
+    if args.gpu:
+        cfg["model"]["torch_dtype"] = "bfloat16"
+        cfg["precision"]["autocast"] = "bf16"
+        cfg["peft"] = dict(LORA)
     for lever in levers:
         for section, values in {**LEVERS, **OPTIONAL_LEVERS}[lever].items():
             cfg.setdefault(section, {}).update(values)
@@ -184,7 +222,30 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "seconds": seconds,
         "loss": last_logged_loss(Path(out)),
         "tower_calls": None if cache is None else cache.misses,
+        **model_flops(recipe.model),
     }
+
+
+def model_flops(model) -> dict:
+    """FLOPs of one training step's matrix products, per token and per image (see --gpu)."""
+    import torch
+
+    per_token = per_image = 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "lora_" in name:
+            continue
+        weights = module.weight.numel()
+        if "vision_tower" in name:
+            per_image += 2 * weights
+        elif "multi_modal_projector" not in name:
+            per_token += 4 * weights  # forward and input gradient (lm_head included)
+    per_token += 6 * trainable
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        per_image *= (vision.image_size // vision.patch_size) ** 2
+    return {"flops_per_token": per_token, "flops_per_image": per_image, "trainable": trainable}
 
 
 def last_logged_loss(out_dir: Path) -> float | None:
@@ -241,9 +302,21 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(42)
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    cuda = args.gpu and torch.cuda.is_available()
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     for p in model.model.vision_tower.parameters():  # the same frozen tower as automodel's
         p.requires_grad_(False)
+    peft_config = None
+    if args.gpu:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA_TARGETS,
+        )
     marks = {}
 
     class Clock(TrainerCallback):
@@ -269,8 +342,8 @@ def run_trl(args: argparse.Namespace) -> dict:
         eval_strategy="no",
         report_to=[],
         dataloader_num_workers=args.workers,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not cuda,
+        bf16=cuda,
         fp16=False,
         seed=42,
     )
@@ -280,11 +353,13 @@ def run_trl(args: argparse.Namespace) -> dict:
         train_dataset=trl_dataset(args.data),
         processing_class=processor,
         callbacks=[Clock()],
+        peft_config=peft_config,
     )
     counts = label_counts(args, trainer)
     result = trainer.train()
     seconds = marks[args.warmup + args.steps] - marks[args.warmup]
-    return {"seconds": seconds, "loss": result.training_loss, **counts}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"seconds": seconds, "loss": result.training_loss, "trainable": trainable, **counts}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -293,6 +368,11 @@ def child(args: argparse.Namespace) -> None:
     else:
         result = run_automodel(args, [lever for lever in args.levers.split(",") if lever])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import torch
+
+    if args.gpu and torch.cuda.is_available():
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        result["device_name"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -310,6 +390,8 @@ def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) 
         "--levers",
         ",".join(levers),
     ]
+    if args.gpu:
+        cmd.append("--gpu")
     for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {
@@ -333,13 +415,35 @@ def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) 
 
 def summarize(runs: list[dict], samples: int, tokens_per: float) -> dict:
     sps = statistics.median(samples / r["seconds"] for r in runs)
+    memory = "peak_gpu_gb" if "peak_gpu_gb" in runs[0] else "peak_rss_gb"
     return {
         "samples_per_s": sps,
         "tokens_per_s": sps * tokens_per,
-        "peak_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+        "peak_gb": statistics.median(r[memory] for r in runs),
         "loss": runs[-1].get("loss"),
         "runs": len(runs),
     }
+
+
+def mfu(row: dict, flops: dict, tokens_per: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation of a summarized row (one image per sample)."""
+    per_sample = tokens_per * flops["flops_per_token"] + flops["flops_per_image"]
+    return row["samples_per_s"] * per_sample / (peak_tflops * 1e12)
+
+
+def print_mfu(args, rows: dict, config: str, runs: dict, tokens_per: float) -> None:
+    ours = runs["automodel"][0]
+    name = ours["device_name"]
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    trainable = {side: side_runs[0]["trainable"] for side, side_runs in runs.items()}
+    print(f"device {name}; trainable parameters {trainable}", flush=True)
+    if peak is None:
+        print("MFU: unknown peak for this device; pass --peak-tflops", flush=True)
+        return
+    for side in runs:
+        value = mfu(rows[(config, side)], ours, tokens_per, peak)
+        rows[(config, side)]["mfu"] = value
+        print(f"MFU {side}: {100 * value:.1f}% of {peak:.0f} TFLOP/s", flush=True)
 
 
 def main() -> None:
@@ -357,6 +461,8 @@ def main() -> None:
     parser.add_argument("--configs", default="a,b")
     parser.add_argument("--no-lever-rows", action="store_true", help="skip the per-lever rows")
     parser.add_argument("--compile-row", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--gpu", action="store_true", help="CUDA, Gemma-3-4B-shaped, LoRA")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (--gpu)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
     # Internal: one side in this process.
     parser.add_argument("--child", choices=("automodel", "trl"), dest="side")
@@ -373,7 +479,15 @@ def main() -> None:
     if args.quick:
         sizes, args.rounds, args.steps, args.warmup = QUICK_SIZES, 1, 2, 1
         args.samples, args.no_lever_rows, configs = 8, True, ["a"]
-    work = Path(args.work) / ("quick" if args.quick else "full")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        sizes, configs, args.no_lever_rows = GPU_SIZES, ["b"], True
+        args.rounds, args.warmup = 1, 2
+        args.steps, args.global_batch, args.local_batch = 10, 4, 4
+    work = Path(args.work) / ("quick" if args.quick else "gpu" if args.gpu else "full")
     args.data = make_data(work / "data", args.samples, sizes["image_size"])
     all_levers = list(LEVERS)
     samples = args.steps * args.global_batch
@@ -395,6 +509,8 @@ def main() -> None:
         }
         for side, side_runs in runs.items():
             rows[(config, side)] = summarize(side_runs, samples, per)
+        if args.gpu:
+            print_mfu(args, rows, config, runs, per)
         if args.compile_row:
             rows[(config, "automodel +compile")] = summarize(
                 [launch(args, "automodel", model, [*all_levers, "compile"])], samples, per

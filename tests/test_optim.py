@@ -46,6 +46,26 @@ def test_groups_take_their_options_and_the_rest_keeps_the_defaults():
     assert tower["weight_decay"] == 0.01
 
 
+def test_adam_runs_fused_unless_the_config_chooses():
+    model = Toy()
+    assert build_optimizer(ADAMW, model).defaults["fused"] is True
+    assert not build_optimizer({**ADAMW, "foreach": True}, model).defaults["fused"]
+    assert build_optimizer({**ADAMW, "fused": False}, model).defaults["fused"] is False
+    sgd = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1}, model)
+    assert not sgd.defaults.get("fused")
+    # The same update as the unfused loop, to rounding.
+    fused, loop = Toy(), Toy()
+    loop.load_state_dict(fused.state_dict())
+    steps = [build_optimizer(ADAMW, fused), build_optimizer({**ADAMW, "fused": False}, loop)]
+    for m, opt in zip((fused, loop), steps, strict=True):
+        for _ in range(3):
+            m.language_model(torch.ones(2, 4)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(fused.parameters(), loop.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_first_match_wins_and_frozen_parameters_are_left_out():
     model = Toy()
     model.language_model.requires_grad_(False)

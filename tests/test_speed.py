@@ -251,6 +251,16 @@ def test_vision_cache_refuses_a_training_tower(tmp_path, tiny_gemma3, receipts):
         recipe.setup()
 
 
+# --------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("pack_length", [None, 64])
+def test_packing_gives_the_same_loss(tmp_path, tiny_gemma3, receipts, pack_length):
+    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain"))
+    packing = {"enabled": True, "pack_length": pack_length}
+    recipe, packed = train(config(tiny_gemma3, receipts, tmp_path / "packed", packing=packing))
+    assert recipe.train_module.packer.pack_length == pack_length
+    assert packed == pytest.approx(plain, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.slow
 def test_compile_gives_the_same_loss(tmp_path, tiny_gemma3, receipts):

@@ -99,18 +99,29 @@ class TrainForward(nn.Module):
         loss_fn: the loss (see ``automodel.loss.chunked.label_loss``).
         blank_image_inputs: the vision inputs of one blank image, on the model's device; None
             in a single process.
+        packer: packs each micro-batch without padding (``automodel.models.packing.Packer``);
+            None runs the padded batch.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, blank_image_inputs: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        blank_image_inputs: dict | None = None,
+        packer=None,
+    ):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.blank_image_inputs = blank_image_inputs
+        self.packer = packer
 
     def forward(self, batch: dict, labels: torch.Tensor, divisor) -> torch.Tensor:
         blank = None
         if self.blank_image_inputs is not None and not vision_inputs(batch):
             blank = image_features_sum(self.model, self.blank_image_inputs)  # before the decoder
+        if self.packer is not None:
+            batch, labels = self.packer(batch, labels)
         loss = label_loss(self.model, batch, labels, self.loss_fn, divisor)
         if blank is not None:
             loss = loss + 0.0 * blank

@@ -110,6 +110,7 @@ SCHEMA = Schema(
             "max_images": (int, type(None)),
             "device": (str, type(None)),
         },
+        "packing": {"enabled": bool, "pack_length": (int, type(None))},
         "compile": {
             "enabled": bool,
             "mode": (str, type(None)),
@@ -151,6 +152,7 @@ DEFAULTS = {
     "distributed": {"strategy": "fsdp2", "activation_checkpointing": False, "cpu_offload": False},
     "dist_env": {"backend": None, "timeout_minutes": 10},
     "vision_cache": {"enabled": False},
+    "packing": {"enabled": False},
     "compile": {"enabled": False},
 }
 

@@ -53,6 +53,7 @@ from automodel.models.auto import load_processor
 from automodel.models.compile import compile_model
 from automodel.models.forward import TrainForward, blank_image_sample, to_model, vision_inputs
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
+from automodel.models.packing import Packer
 from automodel.models.vision_cache import build_vision_cache
 from automodel.peft import apply_lora, is_peft_model, merge
 from automodel.recipes.vlm.config import DEFAULTS, resolve_config
@@ -69,6 +70,7 @@ from automodel.training.checkpoint import (
     save_hf_folder,
 )
 from automodel.training.guards import NonFiniteGuard
+from automodel.training.host_memory import return_freed_memory
 from automodel.training.loggers import build_sinks
 from automodel.training.metrics import MetricsLogger, peak_memory_gb, print0
 from automodel.training.optim import build_optimizer
@@ -90,6 +92,7 @@ class FinetuneRecipeForVLM:
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        return_freed_memory()
         print0("resolved config:\n" + dump_yaml(cfg))
         for notice in self.notices:
             print0(notice)
@@ -183,8 +186,12 @@ class FinetuneRecipeForVLM:
             )
         blank = to_model(self.collate([blank_image_sample()]), self.model)
         blank_labels = blank.pop("labels")
+        packing = self.cfg["packing"]
+        packer = None
+        if packing["enabled"]:
+            packer = Packer(self.model, packing.get("pack_length"))
         module = TrainForward(
-            self.model, self.loss_fn, vision_inputs(blank) if world_size > 1 else None
+            self.model, self.loss_fn, vision_inputs(blank) if world_size > 1 else None, packer
         )
         if strategy != "none":
             unreached = freeze_unreached(module, blank, blank_labels)

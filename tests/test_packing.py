@@ -1,0 +1,111 @@
+"""Padding-free packing: packed rows give every family the same hidden states as padded rows."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from PIL import Image
+
+from automodel.datasets.collate import default_collate_fn
+from automodel.errors import UsageError
+from automodel.loss.chunked import label_hidden
+from automodel.models.packing import Packer, pack_rows
+from automodel.models.tiny import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_pack_rows_keeps_order_and_limits():
+    assert pack_rows([5, 3, 4, 9, 1], None) == [[0, 1, 2, 3, 4]]
+    assert pack_rows([5, 3, 4, 9, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert pack_rows([5, 3, 4, 9, 1], 12) == [[0, 1, 2], [3, 4]]
+
+
+def conversation(images: int, words: int, color: tuple[int, int, int]) -> dict:
+    user = [{"type": "image", "image": Image.new("RGB", (40 + 8 * images, 32), color)}] * images
+    user = [*user, {"type": "text", "text": "Read it please."}]
+    reply = [{"type": "text", "text": " ".join(["latte tea cake"] * words)}]
+    return {
+        "conversation": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": reply},
+        ]
+    }
+
+
+# Lengths differ, one sample has no image and one has two (families that refuse a sample drop it).
+SAMPLES = [
+    conversation(1, 2, (200, 10, 10)),
+    conversation(0, 5, (0, 0, 0)),
+    conversation(1, 9, (10, 200, 10)),
+    conversation(2, 1, (10, 10, 200)),
+]
+
+
+def padded_batch(folder, samples):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch = default_collate_fn(samples, processor)
+    labels = batch.pop("labels")
+    return model, {k: v for k, v in batch.items() if torch.is_tensor(v)}, labels
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_packed_rows_match_padded_rows(family, tiny_family):
+    model, batch, labels = padded_batch(tiny_family(family), SAMPLES)
+    hidden, targets = label_hidden(model, batch, labels)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    # One row; rows just long enough to pair the two shortest neighbours; the default (rows as
+    # long as the longest sample).
+    pair = min(a + b for a, b in itertools.pairwise(lengths))
+    for pack_length in (10_000, pair, None):
+        packed, packed_labels = Packer(model, pack_length)(batch, labels)
+        rows, width = packed["input_ids"].shape
+        if pack_length is None:
+            assert width <= max(lengths)
+        else:
+            assert rows < len(lengths)  # some samples share a row
+        if pack_length == 10_000:
+            assert packed["input_ids"].numel() == sum(lengths)  # not one padding token
+        packed_hidden, packed_targets = label_hidden(model, packed, packed_labels)
+        assert torch.equal(packed_targets, targets)
+        torch.testing.assert_close(packed_hidden, hidden, rtol=1e-4, atol=2e-5)
+
+    # The same rows without isolation (plain causal attention, one position run) do differ.
+    packed, packed_labels = Packer(model, 10_000)(batch, labels)
+    positions = packed["position_ids"]
+    packed["position_ids"] = torch.arange(positions.shape[-1]).expand_as(positions)
+    packed["attention_mask"] = None
+    leaky, _ = label_hidden(model, packed, packed_labels)
+    assert (leaky - hidden).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_a_sample_longer_than_the_sliding_window(tiny_family):
+    long = conversation(1, 60, (5, 5, 5))  # beyond the twins' 128-token sliding window
+    model, batch, labels = padded_batch(tiny_family("gemma3"), [long, *SAMPLES])
+    assert batch["attention_mask"].sum(1).max() > model.config.text_config.sliding_window
+    hidden, _ = label_hidden(model, batch, labels)
+    packed, packed_labels = Packer(model)(batch, labels)
+    assert set(packed["attention_mask"]) == {"full_attention", "sliding_attention"}
+    packed_hidden, _ = label_hidden(model, packed, packed_labels)
+    torch.testing.assert_close(packed_hidden, hidden, rtol=1e-4, atol=2e-5)
+
+    # PaliGemma's forward takes a single mask: such a batch is left padded.
+    model, batch, labels = padded_batch(tiny_family("paligemma"), [long, *SAMPLES])
+    same, same_labels = Packer(model)(batch, labels)
+    assert same is batch and same_labels is labels
+
+
+def test_packing_refuses_left_padding_and_bad_lengths(tiny_family):
+    model, batch, labels = padded_batch(tiny_family("gemma3"), SAMPLES[:2])
+    with pytest.raises(UsageError, match="pack_length"):
+        Packer(model, 0)
+    flipped = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}
+    with pytest.raises(UsageError, match="right-padded"):
+        Packer(model)(flipped, labels.flip(1))
