@@ -1,13 +1,17 @@
 """Reusing generated folders (tiny models, synthetic data) when they were built the same way.
 
 A builder records its arguments in ``.automodel_build.json`` after it finishes; with
-``reuse=True`` a later call with the same arguments returns the folder untouched. The record is
+``reuse=True`` a later call with the same arguments returns the folder untouched. Builders add
+``code_version(__name__)`` to their arguments, so a folder built by older code (other default
+sizes, colours or fonts) is rebuilt rather than reused. The record is
 written last, so an interrupted build is never mistaken for a complete one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +36,9 @@ def mark_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(_record(kind, params), indent=1))
     tmp.replace(path)
+
+
+def code_version(module_name: str) -> str:
+    """A short hash of a module's source file: part of a builder's recorded arguments."""
+    source = Path(sys.modules[module_name].__file__).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]

@@ -235,3 +235,18 @@ def test_two_folders_with_the_same_name_load_their_own_rows(tmp_path):
     large = make_receipts(tmp_path / "b" / "receipts", n=12, val_n=8, test_n=8)
     assert len(make_cord_v2_dataset(str(small), split="train")) == 8
     assert len(make_cord_v2_dataset(str(large), split="train")) == 12
+
+
+def test_reuse_keeps_a_build_until_the_code_changes(tmp_path: Path, monkeypatch) -> None:
+    from automodel import artifacts
+
+    out = make_receipts(tmp_path / "r", n=8, val_n=8, test_n=8, reuse=True)
+    parquet = out / "data" / "train-00000-of-00001.parquet"
+    built = parquet.stat().st_mtime_ns
+    make_receipts(out, n=8, val_n=8, test_n=8, reuse=True)
+    assert parquet.stat().st_mtime_ns == built  # same arguments, same code: reused
+
+    monkeypatch.setattr(artifacts, "code_version", lambda name: "changed")
+    time.sleep(0.01)
+    make_receipts(out, n=8, val_n=8, test_n=8, reuse=True)
+    assert parquet.stat().st_mtime_ns != built  # older code's folder: rebuilt

@@ -1313,7 +1313,7 @@ def make_tiny(
     if family not in FAMILIES:
         raise UsageError(f"unknown tiny model family {family!r}; known: {', '.join(FAMILIES)}")
     out = Path(out_dir)
-    params = {"family": family, "seed": seed, **overrides}
+    params = {"family": family, "seed": seed, "code": artifacts.code_version(__name__), **overrides}
     if reuse and artifacts.is_built(out, "tiny-model", params):
         return out
     out.mkdir(parents=True, exist_ok=True)

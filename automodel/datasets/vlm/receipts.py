@@ -164,6 +164,7 @@ def make_receipts(
     test_n = max(8, n // 10) if test_n is None else test_n
     params = {"n": n, "seed": seed, "val_n": val_n, "test_n": test_n, "max_items": max_items}
     params.update({"max_qty": max_qty, "canvas": canvas, "font_size": font_size, "jitter": jitter})
+    params["code"] = artifacts.code_version(__name__)
     if reuse and artifacts.is_built(out_dir, "receipts", params):
         return Path(out_dir)
     for name, value in (("n", n), ("val_n", val_n), ("test_n", test_n)):
