@@ -295,3 +295,35 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     assert "'same_input_ids': True" in result.stdout
     counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
     assert counts and counts.group(1) == counts.group(2)
+
+
+# --------------------------------------------------------------------------- host memory
+def test_freed_buffers_go_back_to_the_system():
+    # A fresh process each (the thresholds are process-wide). Freeing a 16 MB block raises
+    # glibc's dynamic mmap threshold to 16 MB, so the 8 MB blocks come from the heap; freeing
+    # every other one leaves holes the heap keeps resident, unless the threshold is fixed.
+    code = """
+import sys, torch
+from automodel.training.host_memory import return_freed_memory
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+if sys.argv[1] == "fixed":
+    assert return_freed_memory()
+torch.ones(16 << 20, dtype=torch.uint8)
+before = rss_mb()
+blocks = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(32)]
+del blocks[::2]  # 128 MB freed, 128 MB kept
+print(round(rss_mb() - before - 128))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    kept = {}
+    for mode in ("default", "fixed"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, check=True
+        )
+        kept[mode] = int(out.stdout.split()[-1])  # MB of the freed 128 still resident
+    assert kept["default"] > 64 and kept["fixed"] < 16, kept
