@@ -99,10 +99,7 @@ LEVERS = {
     "packing": {"packing": {"enabled": True}},
 }
 # Off by default (its first step compiles for about a minute); --compile-row adds a "+compile" row.
-OPTIONAL_LEVERS = {
-    "compile": {"compile": {"enabled": True}},
-    "fused_adamw": {"optimizer": {"fused": True}},
-}
+OPTIONAL_LEVERS = {"compile": {"compile": {"enabled": True}}}
 
 WORDS = [
     *("total", "cash", "change", "coffee", "latte", "tea", "croissant", "muffin", "bagel"),
