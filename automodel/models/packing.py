@@ -85,6 +85,11 @@ class Packer:
         self.bidirectional = _BIDIRECTIONAL.get(self.family)
         self.first_position = _FIRST_POSITION.get(self.family, 0)
         self.pad_id = getattr(self.text_config, "pad_token_id", None) or 0
+        # Multimodal RoPE families compute their positions with the model's get_rope_index.
+        self.rope_index = getattr(self.base, "get_rope_index", None)
+        self.rope_inputs = (
+            set(inspect.signature(self.rope_index).parameters) if self.rope_index else set()
+        )
 
     def __call__(self, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The packed model inputs and labels (``batch`` itself is left unchanged)."""
@@ -120,11 +125,11 @@ class Packer:
         """The packed rows' position ids: ``steps`` (each sample's token index) in the family's
         convention. Multimodal RoPE families get ``[4, R, L]``: ``steps``, then the three
         position rows their ``get_rope_index`` gives the unpacked batch."""
-        rope_index = getattr(self.base, "get_rope_index", None)
-        if rope_index is not None and "mm_token_type_ids" in batch:
-            named = inspect.signature(rope_index).parameters
-            inputs = {k: v for k, v in batch.items() if k in named and torch.is_tensor(v)}
-            rope = _gather(rope_index(**inputs)[0], source, 0)
+        if self.rope_index is not None and "mm_token_type_ids" in batch:
+            inputs = {
+                k: v for k, v in batch.items() if k in self.rope_inputs and torch.is_tensor(v)
+            }
+            rope = _gather(self.rope_index(**inputs)[0], source, 0)
             return torch.cat([steps[None], rope])
         return steps + self.first_position
 
