@@ -583,6 +583,9 @@ GEMMA3_DEFAULTS: dict[str, Any] = {
     "image_size": 128,
     "patch_size": 16,
     "mm_tokens_per_image": 16,
+    # Pixel normalisation, one value for all three channels (real Gemma 3 uses 0.5 / 0.5).
+    "image_mean": 0.5,
+    "image_std": 0.5,
 }
 
 
@@ -615,6 +618,7 @@ def _check_gemma3_sizes(s: Mapping[str, Any]) -> None:
         s["image_size"] % s["patch_size"] == 0,
         f"image_size={s['image_size']} must be a multiple of patch_size={s['patch_size']}",
     )
+    _require(s["image_std"] > 0, f"image_std={s['image_std']} must be positive")
     # The projector average-pools the square patch grid down to a square grid of soft tokens.
     patches_per_side = s["image_size"] // s["patch_size"]
     tokens_per_side = math.isqrt(s["mm_tokens_per_image"])
@@ -709,8 +713,8 @@ def _build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
 
     image_processor = Gemma3ImageProcessor(
         size={"height": sizes["image_size"], "width": sizes["image_size"]},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=[float(sizes["image_mean"])] * 3,
+        image_std=[float(sizes["image_std"])] * 3,
         do_pan_and_scan=False,
     )
     processor = Gemma3Processor(
