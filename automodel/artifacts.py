@@ -31,6 +31,14 @@ def is_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> bool:
         return False
 
 
+def built_record(out_dir: str | Path) -> dict[str, Any] | None:
+    """The build record of ``out_dir`` (kind and arguments), or ``None`` when it has none."""
+    try:
+        return json.loads((Path(out_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def mark_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> None:
     path = Path(out_dir) / RECORD
     tmp = path.with_suffix(".tmp")
