@@ -139,6 +139,7 @@ def test_the_recipe_trains_with_param_groups(tmp_path, tiny_gemma3, receipts):
             f"--model.pretrained_model_name_or_path={tiny_gemma3}",
             f"--dataset.path_or_dataset={receipts}",
             "~validation_dataset",
+            "--freeze_config.freeze_vision_tower=false",
             f"--optimizer.param_groups=[{{match: {pattern}, lr: 1.0e-4}}]",
             "--step_scheduler.max_steps=1",
             "--step_scheduler.global_batch_size=2",
