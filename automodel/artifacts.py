@@ -24,11 +24,7 @@ def _record(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def is_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> bool:
     """True when ``out_dir`` holds a finished build of ``kind`` with exactly ``params``."""
-    path = Path(out_dir) / RECORD
-    try:
-        return json.loads(path.read_text()) == _record(kind, params)
-    except (OSError, ValueError):
-        return False
+    return built_record(out_dir) == _record(kind, params)
 
 
 def built_record(out_dir: str | Path) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ reading tower, is written as an ordinary Hugging Face folder."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -22,9 +21,9 @@ from typing import Any
 
 import datasets
 import torch
-from PIL import Image
 
 from automodel import artifacts
+from automodel.datasets.vlm.base import load_image
 from automodel.datasets.vlm.sources import load_folder_split
 from automodel.errors import UsageError
 from automodel.models.tiny import save_twin
@@ -116,12 +115,19 @@ class _Targets:
         return out
 
 
-def _pixels(processor, images: list[bytes], chunk: int = 256) -> torch.Tensor:
+def _read_split(data_dir: Path, split: str) -> tuple[list[dict[str, Any]], list[dict]]:
+    """One split's parsed ground truths and its undecoded images."""
+    rows = load_folder_split(str(data_dir), split, "teach_tower_to_read")[0]
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    return [json.loads(gt) for gt in rows["ground_truth"]], rows["image"]
+
+
+def _pixels(processor, images: list[dict], chunk: int = 256) -> torch.Tensor:
     """Every page through the processor once, kept in float16 (half the memory of thousands of
     float32 pages; the rounding is far below a pixel step)."""
     parts = []
     for start in range(0, len(images), chunk):
-        pages = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start : start + chunk]]
+        pages = [load_image(image) for image in images[start : start + chunk]]
         pixels = processor.image_processor(images=pages, return_tensors="pt")["pixel_values"]
         parts.append(pixels.to(torch.float16))
     return torch.cat(parts)
@@ -187,11 +193,9 @@ def teach_tower_to_read(
             f"max_lines={max_lines} must each be at least 1."
         )
 
-    rows = load_folder_split(str(data_dir), "train", "teach_tower_to_read")[0]
-    rows = rows.cast_column("image", datasets.Image(decode=False))
-    if len(rows) == 0:
+    truths, images = _read_split(data_dir, "train")
+    if not truths:
         raise UsageError(f"teach_tower_to_read: {data_dir} has no train receipts.")
-    truths = [json.loads(gt) for gt in rows["ground_truth"]]
     fields = [receipt_fields(truth["gt_parse"], max_lines) for truth in truths]
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -202,7 +206,7 @@ def teach_tower_to_read(
             f"teach_tower_to_read: {model_dir} is not a Gemma-3-style model (no "
             "get_image_features / multi_modal_projector)."
         )
-    pixels = _pixels(processor, [image["bytes"] for image in rows["image"]])
+    pixels = _pixels(processor, images)
 
     torch.manual_seed(seed)
     tokens = model.config.mm_tokens_per_image
@@ -238,11 +242,11 @@ def teach_tower_to_read(
     )
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    order = torch.randperm(len(rows), generator=generator)
+    order = torch.randperm(len(truths), generator=generator)
     cursor, start = 0, time.perf_counter()
     for step in range(1, steps + 1):
         if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(rows), generator=generator), 0
+            order, cursor = torch.randperm(len(truths), generator=generator), 0
         batch = order[cursor : cursor + batch_size]
         cursor += batch_size
         features = base.get_image_features(pixels[batch].float()).pooler_output
@@ -278,14 +282,13 @@ def teach_tower_to_read(
 def _report_held_out(data_dir, processor, base, head, targets: _Targets, max_lines: int) -> None:
     """Print how often the head spells each kind of field exactly on the validation receipts."""
     try:
-        rows = load_folder_split(str(data_dir), "validation", "teach_tower_to_read")[0]
+        truths, images = _read_split(data_dir, "validation")
     except UsageError:
         return
-    rows = rows.cast_column("image", datasets.Image(decode=False))
-    fields = [receipt_fields(json.loads(gt)["gt_parse"], max_lines) for gt in rows["ground_truth"]]
-    pixels = _pixels(processor, [image["bytes"] for image in rows["image"]])
+    fields = [receipt_fields(truth["gt_parse"], max_lines) for truth in truths]
+    pixels = _pixels(processor, images)
     predicted = []
-    for start in range(0, len(rows), 64):
+    for start in range(0, len(truths), 64):
         features = base.get_image_features(pixels[start : start + 64].float()).pooler_output
         predicted.append(head(features).view(len(features), targets.positions, -1).argmax(-1))
     codes = torch.cat(predicted)
@@ -299,4 +302,4 @@ def _report_held_out(data_dir, processor, base, head, targets: _Targets, max_lin
             if field:
                 right[kinds[j]].append(spelled.strip(_PAD) == field)
     summary = ", ".join(f"{k} {sum(v) / max(1, len(v)):.3f}" for k, v in right.items())
-    print(f"teach_tower_to_read: exact fields on {len(rows)} validation receipts: {summary}")
+    print(f"teach_tower_to_read: exact fields on {len(truths)} validation receipts: {summary}")
