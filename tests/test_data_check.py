@@ -192,6 +192,8 @@ def test_data_check_report_in_process(tiny_gemma3, tmp_path, monkeypatch, capsys
     assert entry["image_tokens"]["max"] == 36  # the two-image sample: 2 x (16 + begin + end)
     assert 0 < entry["over_max_length"] < entry["measured"] == 8
     assert f"over max_length=70: {entry['over_max_length']} of 8" in text
+    assert entry["samples_per_s"] > 0
+    assert f"preprocessing: {entry['samples_per_s']:.1f} samples/s in one process" in text
     assert check_config(resolved, max_samples=3, json_path=tmp_path / "r3.json") == 0
     sampled = json.loads((tmp_path / "r3.json").read_text())["datasets"]["dataset"]
     assert sampled["measured"] == 3 and sampled["num_samples"] == 8

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,37 @@ def test_packing_gives_the_same_loss(tmp_path, tiny_gemma3, receipts, pack_lengt
     recipe, packed = train(config(tiny_gemma3, receipts, tmp_path / "packed", packing=packing))
     assert recipe.train_module.packer.pack_length == pack_length
     assert packed == pytest.approx(plain, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- data wait
+class SlowLoader:
+    """The recipe's loader with ``delay`` seconds before each batch (a data pipeline too slow)."""
+
+    def __init__(self, loader, delay: float):
+        self.loader, self.delay, self.sampler = loader, delay, loader.sampler
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_time_waiting_for_data_is_logged_and_hinted(tmp_path, tiny_gemma3, receipts, capsys):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    cfg = config(tiny_gemma3, receipts, tmp_path, steps=2)
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    recipe.train_loader = SlowLoader(recipe.train_loader, delay=1.0)
+    recipe.train()
+    lines = (tmp_path / "training.jsonl").read_text().splitlines()
+    waits = [json.loads(line)["data_wait_pct"] for line in lines]
+    # Two micro-batches per step, 2 s of waiting against a tiny model's step.
+    assert len(waits) == 2 and all(60 < w <= 100 for w in waits), waits
+    assert recipe.data_wait_seconds >= 4.0
+    out = capsys.readouterr().out
+    assert out.count("the training loop waited for data") == 1  # once per run
+    assert "dataloader.num_workers (now 0)" in out and re.search(r"\| data \d+% \|", out)
 
 
 # --------------------------------------------------------------------------- torch.compile

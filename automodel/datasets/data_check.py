@@ -99,7 +99,8 @@ def check_dataset(
     Returns:
         ``num_samples``, ``num_bad``, ``bad`` (a list of ``{dataset, where, reason, stage}``),
         ``measured``, ``text_tokens`` / ``image_tokens`` / ``total_tokens`` / ``label_tokens``
-        summaries, ``over_max_length`` and ``scan_seconds``.
+        summaries, ``over_max_length``, ``scan_seconds`` and ``samples_per_s`` (preprocessing
+        throughput of this process, the measured samples over the time to render them).
     """
     start = time.perf_counter()
     good, bad = scan_dataset(dataset, name)
@@ -114,6 +115,7 @@ def check_dataset(
     # The collate's own per-sample verdict (special tokens in text, images in replies ...).
     collate_problem = getattr(collate, "sample_problem", None)
     text, images, totals, labels = [], [], [], []
+    start = time.perf_counter()
     for i in measure:
         try:
             conversation = dataset[i]["conversation"]
@@ -130,6 +132,7 @@ def check_dataset(
         images.append(n_image)
         text.append(len(ids) - n_image)
         labels.append(int((batch["labels"][0] != IGNORE_INDEX).sum()))
+    prepare_seconds = time.perf_counter() - start
     over = sum(t > max_length for t in totals) if max_length is not None else 0
     return {
         "num_samples": len(dataset),
@@ -143,6 +146,9 @@ def check_dataset(
         "over_max_length": over,
         "over_max_length_share": over / len(totals) if totals else 0.0,
         "scan_seconds": round(scan_seconds, 3),
+        # Reading, chat template and image processing of one sample at a time, in this process:
+        # what one DataLoader worker delivers, to set against the training loop's samples/s.
+        "samples_per_s": round(len(totals) / prepare_seconds, 2) if totals else None,
     }
 
 
@@ -189,6 +195,12 @@ def format_report(report: dict[str, Any]) -> str:
                 f"over max_length={report['max_length']}: {entry['over_max_length']} of "
                 f"{entry['measured']} ({100 * entry['over_max_length_share']:.1f}%); the collate "
                 "drops or truncates these"
+            )
+        if entry.get("samples_per_s"):
+            lines.append(
+                f"preprocessing: {entry['samples_per_s']:.1f} samples/s in one process (reading, "
+                "chat template, image processor); a training run that takes more samples/s than "
+                "dataloader.num_workers x this waits for data"
             )
         for sample in entry["bad"]:
             stage = " (on decode)" if sample["stage"] == "decode" else ""

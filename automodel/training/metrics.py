@@ -166,6 +166,8 @@ class MetricsLogger:
         parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
         parts.append(f"tokens/s {metrics['tokens_per_s']:.0f}")
         parts.append(f"images/s {metrics['images_per_s']:.1f}")
+        if "data_wait_pct" in metrics:
+            parts.append(f"data {metrics['data_wait_pct']:.0f}%")
         parts.append(f"mem {metrics['peak_memory_gb']:.2f}GB")
         parts.append(f"eta {_duration(eta)}")
         if metrics.get("skipped_steps"):

@@ -81,6 +81,8 @@ from automodel.training.state import collect_state, load_train_state, restore_st
 
 # The parts of the training state that differ between data-parallel ranks.
 RANK_STATE = ("dataloader", "rng", "dropped_samples")
+# A log window whose time went this much into waiting for batches gets a one-time hint.
+DATA_WAIT_HINT_PCT = 20.0
 
 
 class FinetuneRecipeForVLM:
@@ -135,6 +137,7 @@ class FinetuneRecipeForVLM:
         self.autocast_dtype = self.build_autocast(cfg["precision"]["autocast"])
         self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
         self.step, self.epoch, self.dropped_samples = 0, 0, 0
+        self.data_wait_seconds, self.data_wait_hinted = 0.0, False  # time in next(batches)
         self.window = self.new_window()
         start = read_meta(self.resume_dir)["step"] if self.resume_dir else 0
         sinks = build_sinks(cfg, self.out_dir, start)
@@ -416,7 +419,12 @@ class FinetuneRecipeForVLM:
         while self.step < self.max_steps:
             self.step += 1
             step = self.step
-            micro = [to_model(next(train_batches), self.model) for _ in range(self.grad_accum)]
+            fetch_start = time.perf_counter()
+            fetched = [next(train_batches) for _ in range(self.grad_accum)]
+            waited = time.perf_counter() - fetch_start
+            self.window["data_wait"] += waited
+            self.data_wait_seconds += waited
+            micro = [to_model(batch, self.model) for batch in fetched]
             num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
             # Summed token losses over (global label tokens / ranks): the ranks' averaged
             # gradients equal those of one process with the whole global batch.
@@ -468,7 +476,7 @@ class FinetuneRecipeForVLM:
     def new_window(self) -> dict:
         """Sums over the steps since the last log line."""
         zero = torch.zeros((), device=self.device)
-        return {"loss": zero, "steps": 0, "tokens": zero.clone(), "images": 0}
+        return {"loss": zero, "steps": 0, "tokens": zero.clone(), "images": 0, "data_wait": 0.0}
 
     def log_window(self, step: int, grad_norm: torch.Tensor, seconds: float) -> None:
         # The only host syncs of the loop besides the finiteness check happen here.
@@ -483,6 +491,7 @@ class FinetuneRecipeForVLM:
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": float(tokens) / seconds,
                 "images_per_s": float(images) / seconds,
+                "data_wait_pct": 100 * min(1.0, window["data_wait"] / seconds),
                 "peak_memory_gb": peak_memory_gb(self.device),
                 "skipped_steps": self.guard.skipped_steps,
                 "epoch": self.epoch,
@@ -490,6 +499,18 @@ class FinetuneRecipeForVLM:
             },
         )
         self.window = self.new_window()
+        self.hint_data_wait(100 * window["data_wait"] / seconds)
+
+    def hint_data_wait(self, percent: float) -> None:
+        """Says once per run when the loop spends much of its time waiting for batches."""
+        if percent < DATA_WAIT_HINT_PCT or self.data_wait_hinted:
+            return
+        self.data_wait_hinted = True
+        workers = self.cfg["dataloader"].get("num_workers", 0)
+        self.logger.write(
+            f"the training loop waited for data {percent:.0f}% of the time since the last log "
+            f"line: more dataloader.num_workers (now {workers}) would prepare batches in parallel"
+        )
 
     # ----------------------------------------------------------------------------- checkpoints
     def stateful(self) -> dict[str, Any]:
