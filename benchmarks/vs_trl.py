@@ -11,10 +11,12 @@ with the same global batch, steps, AdamW and learning rate, answer-only labels (
 vision tower frozen, fp32 on the CPU, the same number of DataLoader workers and threads.
 
 Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
-(automodel, TRL, automodel, TRL, ...), warm-up steps are not timed, and the table shows the
-median of the rounds. Rows ``automodel -<lever>`` switch one lever off on configuration (b) to
-show what it contributes. The last line reads
-``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL peak memory on (b)>``.
+(automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
+compiles in them), and the table shows the median of the rounds. Rows ``automodel -<lever>``
+switch one lever off on configuration (b) to show what it contributes. The automodel side also
+reports the share of the timed steps it waited for data and what its data loader delivers alone.
+The last line reads ``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL
+peak memory on (b)>``, each the median over rounds of the ratio within a round.
 
 ``--gpu`` runs configuration (b) only, on one CUDA device, with a randomly initialised model of
 Gemma 3 4B's shape (text 2560 x 34 layers, SigLIP 1152 x 27 layers at 896 px, 262k vocabulary),
@@ -97,9 +99,10 @@ LEVERS = {
     "group_by_length": {"dataloader": {"group_by_length": True}},
     "vision_cache": {"vision_cache": {"enabled": True}},
     "packing": {"packing": {"enabled": True}},
+    # Compiles in the warm-up steps (the first step, then once more for dynamic shapes); left out
+    # of --quick (a smoke run) and --gpu (the 10-minute budget of a lent GPU).
+    "compile": {"compile": {"enabled": True}},
 }
-# Off by default (its first step compiles for about a minute); --compile-row adds a "+compile" row.
-OPTIONAL_LEVERS = {"compile": {"compile": {"enabled": True}}}
 
 WORDS = [
     *("total", "cash", "change", "coffee", "latte", "tea", "croissant", "muffin", "bagel"),
@@ -202,7 +205,7 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         cfg["precision"]["autocast"] = "bf16"
         cfg["peft"] = dict(LORA)
     for lever in levers:
-        for section, values in {**LEVERS, **OPTIONAL_LEVERS}[lever].items():
+        for section, values in LEVERS[lever].items():
             cfg.setdefault(section, {}).update(values)
     recipe = FinetuneRecipeForVLM(cfg)
     recipe.setup()
@@ -210,17 +213,36 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     with StopOnSigterm() as sigterm:
         recipe.max_steps = args.warmup
         recipe.train_steps(sigterm)
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), recipe.data_wait_seconds
         recipe.max_steps = total
         recipe.train_steps(sigterm)
         seconds = time.perf_counter() - start
+        waited = recipe.data_wait_seconds - waited
     cache = getattr(recipe, "vision_cache", None)
     return {
         "seconds": seconds,
         "loss": last_logged_loss(Path(out)),
         "tower_calls": None if cache is None else cache.misses,
+        "data_wait_pct": 100 * waited / seconds,
+        "pipeline_samples_per_s": pipeline_rate(recipe.train_loader),
         **model_flops(recipe.model),
     }
+
+
+def pipeline_rate(loader, epochs: int = 2) -> float:
+    """Samples per second the data loader delivers with no training to wait for.
+
+    The same loader (workers, collate, image processing) after the timed steps; the clock starts
+    at the first batch, so worker start-up is not counted.
+    """
+    start, samples = None, 0
+    for _ in range(epochs):
+        for batch in loader:
+            if start is None:
+                start = time.perf_counter()
+            elif batch is not None:
+                samples += len(batch["input_ids"])
+    return samples / (time.perf_counter() - start)
 
 
 def model_flops(model) -> dict:
@@ -422,6 +444,20 @@ def summarize(runs: list[dict], samples: int, tokens_per: float) -> dict:
     }
 
 
+def paired_ratios(runs: dict) -> dict:
+    """automodel / TRL of each round's adjacent pair of runs (speed and peak memory).
+
+    Each round's two runs follow one another, so a drift in the machine's speed over the
+    benchmark (frequency, other load) moves both; the median of these ratios is the headline.
+    """
+    memory = "peak_gpu_gb" if "peak_gpu_gb" in runs["TRL"][0] else "peak_rss_gb"
+    pairs = list(zip(runs["automodel"], runs["TRL"]))
+    return {
+        "speed": [trl["seconds"] / ours["seconds"] for ours, trl in pairs],
+        "memory": [ours[memory] / trl[memory] for ours, trl in pairs],
+    }
+
+
 def mfu(row: dict, flops: dict, tokens_per: float, peak_tflops: float) -> float:
     """Model FLOPs utilisation of a summarized row (one image per sample)."""
     per_sample = tokens_per * flops["flops_per_token"] + flops["flops_per_image"]
@@ -450,7 +486,9 @@ def main() -> None:
     # 12 steps of global batch 8 are 3 epochs of the 32 conversations: a fine-tune's usual
     # repeated passes, where the frozen tower's cache can act (one pass would hide it).
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the clock")
+    # Two: torch.compile compiles the decoder blocks on the first step and recompiles once for
+    # dynamic shapes on the second.
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the clock")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--local-batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, both sides")
@@ -459,7 +497,6 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--configs", default="a,b")
     parser.add_argument("--no-lever-rows", action="store_true", help="skip the per-lever rows")
-    parser.add_argument("--compile-row", action="store_true", help="add a torch.compile row")
     parser.add_argument("--gpu", action="store_true", help="CUDA, Gemma-3-4B-shaped, LoRA")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (--gpu)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
@@ -488,14 +525,14 @@ def main() -> None:
         args.steps, args.global_batch, args.local_batch = 10, 4, 4
     work = Path(args.work) / ("quick" if args.quick else "gpu" if args.gpu else "full")
     args.data = make_data(work / "data", args.samples, sizes["image_size"])
-    all_levers = list(LEVERS)
+    all_levers = [x for x in LEVERS if not (x == "compile" and (args.quick or args.gpu))]
     samples = args.steps * args.global_batch
     print(
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
         f"{args.workers} DataLoader worker(s), load average {os.getloadavg()[0]:.2f}"
     )
-    rows, label_check = {}, None
+    rows, label_check, paired = {}, None, {}
     for config in configs:
         model = make_model(work / f"gemma3_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
         per = tokens_per_sample(model, args.data)
@@ -508,18 +545,23 @@ def main() -> None:
         }
         for side, side_runs in runs.items():
             rows[(config, side)] = summarize(side_runs, samples, per)
+        paired[config] = paired_ratios(runs)
         if args.gpu:
             print_mfu(args, rows, config, runs, per)
-        if args.compile_row:
-            rows[(config, "automodel +compile")] = summarize(
-                [launch(args, "automodel", model, [*all_levers, "compile"])], samples, per
-            )
         if config == "b" and not args.no_lever_rows:
             for lever in all_levers:
                 rest = [x for x in all_levers if x != lever]
                 rows[(config, f"automodel -{lever}")] = summarize(
                     [launch(args, "automodel", model, rest)], samples, per
                 )
+        ours = runs["automodel"]
+        print(
+            f"({config}) data pipeline (automodel, {args.workers} worker(s)): "
+            f"{statistics.median(r['pipeline_samples_per_s'] for r in ours):.1f} samples/s alone "
+            f"against {rows[(config, 'automodel')]['samples_per_s']:.1f} trained; the timed steps "
+            f"waited for data {statistics.median(r['data_wait_pct'] for r in ours):.1f}% of the time",
+            flush=True,
+        )
         print(f"config ({config}) done; first batch label tokens: {label_check}", flush=True)
 
     print()
@@ -535,14 +577,15 @@ def main() -> None:
         )
     speed_config = "a" if "a" in configs else configs[0]
     memory_config = "b" if "b" in configs else configs[-1]
-    speedup = (
-        rows[(speed_config, "automodel")]["samples_per_s"]
-        / rows[(speed_config, "TRL")]["samples_per_s"]
+    for config, ratios in paired.items():
+        shown = {k: [round(x, 2) for x in v] for k, v in ratios.items()}
+        print(f"({config}) automodel / TRL in each round: {shown}")
+    speedup = statistics.median(paired[speed_config]["speed"])
+    memory_ratio = statistics.median(paired[memory_config]["memory"])
+    print(
+        f"speedup=({speed_config}) memory_ratio=({memory_config}), medians of the rounds' "
+        f"ratios; label tokens {label_check}"
     )
-    memory_ratio = (
-        rows[(memory_config, "automodel")]["peak_gb"] / rows[(memory_config, "TRL")]["peak_gb"]
-    )
-    print(f"speedup=({speed_config}) memory_ratio=({memory_config}); label tokens {label_check}")
     print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}")
 
 

@@ -327,6 +327,10 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     assert "'same_input_ids': True" in result.stdout
     counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
     assert counts and counts.group(1) == counts.group(2)
+    pipeline = re.search(
+        r"data pipeline .*: (\d+\.\d) samples/s alone .* data (\d+\.\d)%", result.stdout
+    )
+    assert pipeline and float(pipeline.group(1)) > 0 and 0 <= float(pipeline.group(2)) <= 100
 
 
 # --------------------------------------------------------------------------- host memory
