@@ -293,6 +293,25 @@ def test_time_waiting_for_data_is_logged_and_hinted(tmp_path, tiny_gemma3, recei
     assert "dataloader.num_workers (now 0)" in out and re.search(r"\| data \d+% \|", out)
 
 
+def test_training_workers_persist_across_epochs(tmp_path, tiny_gemma3, receipts):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    cfg = config(tiny_gemma3, receipts, tmp_path, dataloader={"num_workers": 1})
+    cfg["validation_dataset"] = dict(cfg["dataset"])
+    cfg["validation_dataloader"] = {
+        "_target_": "torchdata.stateful_dataloader.StatefulDataLoader",
+        "num_workers": 1,
+    }
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    assert recipe.train_loader.persistent_workers
+    assert not recipe.val_loader.persistent_workers  # no idle processes between validations
+    cfg["dataloader"]["persistent_workers"] = False  # the config still decides when it says
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    assert not recipe.train_loader.persistent_workers
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.slow
 def test_compile_gives_the_same_loss(tmp_path, tiny_gemma3, receipts):

@@ -278,6 +278,10 @@ class FinetuneRecipeForVLM:
             node["sampler"] = list(range(rank, len(dataset), world_size))
         if not torch.cuda.is_available():
             node["pin_memory"] = False
+        if train and node.get("num_workers", 0) > 0:
+            # Workers kept across epochs: no process start-up (and empty prefetch queue) at the
+            # start of every epoch, which the loop would otherwise wait out.
+            node.setdefault("persistent_workers", True)
         generator = torch.Generator().manual_seed(self.rng.seed + 1)
         return instantiate(
             node,
