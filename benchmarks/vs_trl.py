@@ -213,11 +213,11 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     with StopOnSigterm() as sigterm:
         recipe.max_steps = args.warmup
         recipe.train_steps(sigterm)
-        start, waited = time.perf_counter(), recipe.data_wait_seconds
+        start, waited = time.perf_counter(), recipe.data_wait.total
         recipe.max_steps = total
         recipe.train_steps(sigterm)
         seconds = time.perf_counter() - start
-        waited = recipe.data_wait_seconds - waited
+        waited = recipe.data_wait.total - waited
     cache = getattr(recipe, "vision_cache", None)
     return {
         "seconds": seconds,

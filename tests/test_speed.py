@@ -287,7 +287,7 @@ def test_time_waiting_for_data_is_logged_and_hinted(tmp_path, tiny_gemma3, recei
     waits = [json.loads(line)["data_wait_pct"] for line in lines]
     # Two micro-batches per step, 2 s of waiting against a tiny model's step.
     assert len(waits) == 2 and all(60 < w <= 100 for w in waits), waits
-    assert recipe.data_wait_seconds >= 4.0
+    assert recipe.data_wait.total >= 4.0
     out = capsys.readouterr().out
     assert out.count("the training loop waited for data") == 1  # once per run
     assert "dataloader.num_workers (now 0)" in out and re.search(r"\| data \d+% \|", out)

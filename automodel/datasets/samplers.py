@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
@@ -162,3 +163,47 @@ def estimate_lengths(dataset, processor=None) -> list[int]:
     else:
         counts = [len(text) // 4 for text in texts]
     return [c + per_image * n for c, n in zip(counts, images)]
+
+
+def make_sampler(
+    dataset,
+    *,
+    train: bool,
+    shuffle: bool,
+    group_by_length: bool,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    processor=None,
+):
+    """The sampler of a training or evaluation loader, or None for the loader's own order.
+
+    Training reads one permutation per epoch (seed + epoch, the same on every rank), each rank
+    its share, so N processes see the global batches one process would; the sampler's position
+    is part of the loader's state_dict, hence of every checkpoint. With ``group_by_length`` (and
+    shuffling) the batches are of similar length: less compute on padding. Evaluation gives
+    every sample once, to one rank.
+
+    Args:
+        dataset: the samples.
+        train: a training loader (else evaluation).
+        shuffle: shuffle the training order.
+        group_by_length: batch samples of similar estimated length (training, shuffled).
+        batch_size: the per-rank batch size.
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        seed: the base seed of the permutations.
+        processor: for the length estimates (``estimate_lengths``).
+    """
+    if train and shuffle and group_by_length:
+        lengths = estimate_lengths(dataset, processor)
+        return LengthGroupedSampler(
+            lengths, batch_size, rank=rank, world_size=world_size, seed=seed
+        )
+    if train:
+        return StatefulDistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+        )
+    if world_size > 1:
+        return list(range(rank, len(dataset), world_size))
+    return None

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from automodel.datasets.collate import SEQUENCE_KEYS
+from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden, label_loss, output_logits
 from automodel.peft.lora import unwrap
 
@@ -23,6 +24,22 @@ def to_model(batch: dict, model) -> dict:
         for k, v in batch.items()
         if torch.is_tensor(v)
     }
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of ``precision.autocast`` (``auto``, ``bf16``, ``fp16``, ``none``) on ``device``.
+
+    ``auto`` is bf16 on a CUDA device that supports it and no autocast elsewhere: CPUs run bf16
+    matmuls slower than fp32.
+    """
+    if mode not in ("auto", "bf16", "fp16", "none"):
+        raise UsageError(f"precision.autocast={mode!r}: use auto, bf16, fp16 or none")
+    if mode == "none":
+        return None
+    if mode == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

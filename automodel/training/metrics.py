@@ -9,7 +9,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +17,8 @@ import torch
 
 TRAINING_LOG = "training.jsonl"
 VALIDATION_LOG = "validation.jsonl"
+# A log window that spent this share of its time waiting for batches gets a one-time hint.
+DATA_WAIT_HINT_PCT = 20.0
 
 
 def is_rank_zero() -> bool:
@@ -191,6 +193,46 @@ class MetricsLogger:
         self.progress.close()
         for sink in self.sinks:
             sink.close()
+
+
+class DataWait:
+    """Time the training loop spends waiting for its batches: per log window and in total.
+
+    Args:
+        workers: the loader's ``num_workers``, named in the hint.
+        hint_pct: a window that waited at least this share of its time gets a hint, once a run.
+    """
+
+    def __init__(self, workers: int, hint_pct: float = DATA_WAIT_HINT_PCT):
+        self.workers, self.hint_pct = workers, hint_pct
+        self.total = self.window = 0.0
+        self.hinted = False
+
+    def take(self, batches: Iterator, n: int) -> list:
+        """The next ``n`` batches of ``batches``, the time spent getting them counted."""
+        start = time.perf_counter()
+        taken = [next(batches) for _ in range(n)]
+        waited = time.perf_counter() - start
+        self.total += waited
+        self.window += waited
+        return taken
+
+    def end_window(self, seconds: float) -> tuple[float, str | None]:
+        """The window's waiting share in percent, and the hint when it is due; opens a new window.
+
+        Args:
+            seconds: the window's wall time.
+        """
+        percent = 100 * min(1.0, self.window / seconds)
+        self.window = 0.0
+        if percent < self.hint_pct or self.hinted:
+            return percent, None
+        self.hinted = True
+        return percent, (
+            f"the training loop waited for data {percent:.0f}% of the time since the last log "
+            f"line: more dataloader.num_workers (now {self.workers}) would prepare batches in "
+            "parallel"
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import dump_yaml
 from automodel.datasets.checks import screen_dataset
-from automodel.datasets.samplers import LengthGroupedSampler, estimate_lengths
+from automodel.datasets.samplers import make_sampler
 from automodel.distributed.env import (
     all_reduce_sum,
     any_rank,
@@ -51,7 +50,13 @@ from automodel.generation import generate_reply, prompt_messages, reply_text
 from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.auto import load_processor
 from automodel.models.compile import compile_model
-from automodel.models.forward import TrainForward, blank_image_sample, to_model, vision_inputs
+from automodel.models.forward import (
+    TrainForward,
+    autocast_dtype,
+    blank_image_sample,
+    to_model,
+    vision_inputs,
+)
 from automodel.models.freeze import apply_freeze, count_parameters, vision_modules
 from automodel.models.packing import Packer
 from automodel.models.vision_cache import build_vision_cache
@@ -72,7 +77,7 @@ from automodel.training.checkpoint import (
 from automodel.training.guards import NonFiniteGuard
 from automodel.training.host_memory import return_freed_memory
 from automodel.training.loggers import build_sinks
-from automodel.training.metrics import MetricsLogger, peak_memory_gb, print0
+from automodel.training.metrics import DataWait, MetricsLogger, peak_memory_gb, print0
 from automodel.training.optim import build_optimizer
 from automodel.training.plot import plot_losses
 from automodel.training.schedule import build_lr_scheduler
@@ -81,8 +86,6 @@ from automodel.training.state import collect_state, load_train_state, restore_st
 
 # The parts of the training state that differ between data-parallel ranks.
 RANK_STATE = ("dataloader", "rng", "dropped_samples")
-# A log window whose time went this much into waiting for batches gets a one-time hint.
-DATA_WAIT_HINT_PCT = 20.0
 
 
 class FinetuneRecipeForVLM:
@@ -134,10 +137,10 @@ class FinetuneRecipeForVLM:
             self.optimizer, self.max_steps, **cfg["lr_scheduler"]
         )
         self.vision_loss = self.build("vision_loss", self.model)  # weight 0: loss unchanged
-        self.autocast_dtype = self.build_autocast(cfg["precision"]["autocast"])
+        self.autocast_dtype = autocast_dtype(cfg["precision"]["autocast"], self.device)
         self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
         self.step, self.epoch, self.dropped_samples = 0, 0, 0
-        self.data_wait_seconds, self.data_wait_hinted = 0.0, False  # time in next(batches)
+        self.data_wait = DataWait(cfg["dataloader"].get("num_workers", 0))
         self.window = self.new_window()
         start = read_meta(self.resume_dir)["step"] if self.resume_dir else 0
         sinks = build_sinks(cfg, self.out_dir, start)
@@ -261,21 +264,19 @@ class FinetuneRecipeForVLM:
         node = {k: v for k, v in loader_cfg.items() if k != "collate_fn"}
         node.setdefault("_target_", DEFAULTS["dataloader"]["_target_"])
         grouped, shuffle = node.pop("group_by_length", False), node.pop("shuffle", train)
-        rank, world_size, seed = self.dist.rank, self.dist.world_size, self.rng.base_seed
-        if train and shuffle and grouped:  # batches of similar length: less compute on padding
-            lengths = estimate_lengths(dataset, self.processor)
-            node["sampler"] = LengthGroupedSampler(
-                lengths, self.local_batch_size, rank=rank, world_size=world_size, seed=seed
-            )
-        elif train:
-            # Each rank reads its share of one permutation (seed + epoch, the same on every
-            # rank), so N processes see the global batches one process would; the sampler's
-            # position is part of the loader's state_dict, hence of every checkpoint.
-            node["sampler"] = StatefulDistributedSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
-            )
-        elif world_size > 1:  # evaluation: every sample once, on one rank
-            node["sampler"] = list(range(rank, len(dataset), world_size))
+        sampler = make_sampler(
+            dataset,
+            train=train,
+            shuffle=shuffle,
+            group_by_length=grouped,
+            batch_size=self.local_batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            seed=self.rng.base_seed,
+            processor=self.processor,
+        )
+        if sampler is not None:
+            node["sampler"] = sampler
         if not torch.cuda.is_available():
             node["pin_memory"] = False
         if train and node.get("num_workers", 0) > 0:
@@ -299,17 +300,6 @@ class FinetuneRecipeForVLM:
         epochs = steps.get("num_epochs") or 1
         per_epoch = math.ceil(num_samples / steps["global_batch_size"])
         return max(1, epochs * per_epoch)
-
-    def build_autocast(self, mode: str) -> torch.dtype | None:
-        if mode not in ("auto", "bf16", "fp16", "none"):
-            raise UsageError(f"precision.autocast={mode!r}: use auto, bf16, fp16 or none")
-        if mode == "none":
-            return None
-        if mode == "auto":
-            # CPUs run bf16 matmuls slower than fp32, so autocast only where it pays.
-            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            return torch.bfloat16 if cuda_bf16 else None
-        return torch.bfloat16 if mode == "bf16" else torch.float16
 
     # ----------------------------------------------------------------------------- training
     def batches(self, loader) -> Iterator[dict]:
@@ -423,11 +413,7 @@ class FinetuneRecipeForVLM:
         while self.step < self.max_steps:
             self.step += 1
             step = self.step
-            fetch_start = time.perf_counter()
-            fetched = [next(train_batches) for _ in range(self.grad_accum)]
-            waited = time.perf_counter() - fetch_start
-            self.window["data_wait"] += waited
-            self.data_wait_seconds += waited
+            fetched = self.data_wait.take(train_batches, self.grad_accum)
             micro = [to_model(batch, self.model) for batch in fetched]
             num_label_tokens = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro)
             # Summed token losses over (global label tokens / ranks): the ranks' averaged
@@ -480,11 +466,12 @@ class FinetuneRecipeForVLM:
     def new_window(self) -> dict:
         """Sums over the steps since the last log line."""
         zero = torch.zeros((), device=self.device)
-        return {"loss": zero, "steps": 0, "tokens": zero.clone(), "images": 0, "data_wait": 0.0}
+        return {"loss": zero, "steps": 0, "tokens": zero.clone(), "images": 0}
 
     def log_window(self, step: int, grad_norm: torch.Tensor, seconds: float) -> None:
         # The only host syncs of the loop besides the finiteness check happen here.
         window = self.window
+        data_wait_pct, hint = self.data_wait.end_window(seconds)
         tokens = all_reduce_sum(window["tokens"].float())  # throughput of all ranks
         images = all_reduce_sum(torch.tensor(float(window["images"]), device=self.device))
         self.logger.log_train(
@@ -495,7 +482,7 @@ class FinetuneRecipeForVLM:
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": float(tokens) / seconds,
                 "images_per_s": float(images) / seconds,
-                "data_wait_pct": 100 * min(1.0, window["data_wait"] / seconds),
+                "data_wait_pct": data_wait_pct,
                 "peak_memory_gb": peak_memory_gb(self.device),
                 "skipped_steps": self.guard.skipped_steps,
                 "epoch": self.epoch,
@@ -503,18 +490,8 @@ class FinetuneRecipeForVLM:
             },
         )
         self.window = self.new_window()
-        self.hint_data_wait(100 * window["data_wait"] / seconds)
-
-    def hint_data_wait(self, percent: float) -> None:
-        """Says once per run when the loop spends much of its time waiting for batches."""
-        if percent < DATA_WAIT_HINT_PCT or self.data_wait_hinted:
-            return
-        self.data_wait_hinted = True
-        workers = self.cfg["dataloader"].get("num_workers", 0)
-        self.logger.write(
-            f"the training loop waited for data {percent:.0f}% of the time since the last log "
-            f"line: more dataloader.num_workers (now {workers}) would prepare batches in parallel"
-        )
+        if hint:
+            self.logger.write(hint)
 
     # ----------------------------------------------------------------------------- checkpoints
     def stateful(self) -> dict[str, Any]:
