@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from automodel.errors import UsageError
-from automodel.models.tiny import FAMILIES, GEMMA3_CHAT_TEMPLATE, make_tiny
+from automodel.models.tiny import FAMILIES, GEMMA3_CHAT_TEMPLATE, make_tiny, train_tokenizer
 
 SYSTEM = "You read receipts."
 QUESTION = "What is on the receipt?"
@@ -222,6 +222,20 @@ def test_size_overrides(tmp_path):
     )
     assert batch["input_ids"][0].tolist().count(processor.tokenizer.image_token_id) == 4
     assert math.isfinite(model(**batch, labels=batch["input_ids"]).loss.item())
+
+
+def test_vocabulary_past_the_corpus_is_filled_with_plain_entries():
+    # Gemma 3's 262k vocabulary is a BPE vocabulary, not 260k added tokens (which cost ~0.5 GB
+    # to load): the twin fills what the corpus does not reach with entries no merge produces.
+    specials = ["<pad>", "<eos>", "<bos>"]
+    trained = train_tokenizer(specials, 100_000).token_to_id("<unused0>")  # the corpus's share
+    assert 1000 < trained < 100_000
+    tokenizer = train_tokenizer(specials, trained + 50)
+    assert tokenizer.get_vocab_size() == trained + 50
+    assert [t.content for t in tokenizer.get_added_tokens_decoder().values()] == specials
+    assert tokenizer.token_to_id("<unused0>") == trained
+    assert tokenizer.token_to_id("<unused49>") == trained + 49
+    assert trained not in tokenizer.encode("total <unused0> cash").ids
 
 
 @pytest.mark.parametrize(

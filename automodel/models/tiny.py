@@ -316,8 +316,8 @@ def train_tokenizer(
     Args:
         special_tokens: Tokens given the lowest ids, in order; they are never split.
         vocab_size: Exact size of the resulting vocabulary. When the corpus runs out of merges
-            first, the rest is filled with ``<unusedN>`` special tokens (real Gemma checkpoints
-            carry such placeholders too).
+            first, the rest is filled with ``<unusedN>`` entries that no merge produces (real
+            Gemma checkpoints carry such placeholders too).
         bos_token: When given, a post-processor prepends it to every encoded text, as the
             family's own tokenizer does on a plain call.
         corpus: Training lines; defaults to `default_corpus()`.
@@ -343,7 +343,7 @@ def train_tokenizer(
     tokenizer.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer)
     missing = vocab_size - tokenizer.get_vocab_size()
     if missing > 0:
-        tokenizer.add_special_tokens([f"<unused{i}>" for i in range(missing)])
+        tokenizer = _with_unused_tokens(tokenizer, missing)
     if bos_token is not None:
         bos_id = tokenizer.token_to_id(bos_token)
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -352,6 +352,20 @@ def train_tokenizer(
             special_tokens=[(bos_token, bos_id)],
         )
     return tokenizer
+
+
+def _with_unused_tokens(tokenizer: Tokenizer, count: int) -> Tokenizer:
+    """``tokenizer`` with ``count`` more ``<unusedN>`` entries at the end of its BPE vocabulary.
+
+    They are ordinary vocabulary entries that no merge produces, not added tokens: a 262k
+    vocabulary of added tokens costs about 0.5 GB and seconds to load, which Gemma 3's own
+    tokenizer (a 262k BPE vocabulary with a few thousand added tokens) does not.
+    """
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    start = max(vocab.values()) + 1
+    vocab.update({f"<unused{i}>": start + i for i in range(count)})
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def wrap_tokenizer(
