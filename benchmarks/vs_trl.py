@@ -8,12 +8,15 @@ Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with 
 262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
 with the same global batch, steps, AdamW and learning rate, answer-only labels (TRL's
 ``assistant_only_loss``; the label counts of both collates on the same batch are printed), the
-vision tower frozen, fp32 on the CPU, the same number of DataLoader workers and threads.
+vision tower frozen, fp32 on the CPU, the same number of DataLoader workers and threads, and the
+same activation recomputation: none, unless ``--checkpointing`` turns it on for both (TRL's
+``SFTConfig`` turns ``gradient_checkpointing`` on by default, which trades its speed for memory).
 
 Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
 (automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
 compiles in them), and the table shows the median of the rounds. Rows ``automodel -<lever>``
-switch one lever off on configuration (b) to show what it contributes. The automodel side also
+switch one lever off on configuration (b) to show what it contributes; the row ``TRL, its
+default recompute`` is one TRL run on (a) with ``gradient_checkpointing`` left on. The automodel side also
 reports the share of the timed steps it waited for data and what its data loader delivers alone.
 The last line reads ``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL
 peak memory on (b)>``, each the median over rounds of the ratio within a round.
@@ -199,6 +202,7 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "freeze_config": {"freeze_vision_tower": True},
         "precision": {"autocast": "none"},
         "checkpoint": {"enabled": False, "checkpoint_dir": out},
+        "distributed": {"activation_checkpointing": args.checkpointing},
     }
     if args.gpu:
         cfg["model"]["torch_dtype"] = "bfloat16"
@@ -225,8 +229,14 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "tower_calls": None if cache is None else cache.misses,
         "data_wait_pct": 100 * waited / seconds,
         "pipeline_samples_per_s": pipeline_rate(recipe.train_loader),
+        "recompute": recomputes(recipe.model),
         **model_flops(recipe.model),
     }
+
+
+def recomputes(model) -> bool:
+    """Whether any module of ``model`` recomputes its activations in backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def pipeline_rate(loader, epochs: int = 2) -> float:
@@ -354,6 +364,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         warmup_steps=0,
         optim="adamw_torch",
         max_grad_norm=1.0,
+        gradient_checkpointing=args.checkpointing,
         assistant_only_loss=True,
         max_length=None,
         logging_steps=10_000,
@@ -378,7 +389,13 @@ def run_trl(args: argparse.Namespace) -> dict:
     result = trainer.train()
     seconds = marks[args.warmup + args.steps] - marks[args.warmup]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"seconds": seconds, "loss": result.training_loss, "trainable": trainable, **counts}
+    return {
+        "seconds": seconds,
+        "loss": result.training_loss,
+        "trainable": trainable,
+        "recompute": recomputes(trainer.model),
+        **counts,
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -396,7 +413,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ the parent
-def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) -> dict:
+def launch(
+    args: argparse.Namespace,
+    side: str,
+    model: Path,
+    levers: list[str],
+    checkpointing: bool | None = None,
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -411,6 +434,8 @@ def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) 
     ]
     if args.gpu:
         cmd.append("--gpu")
+    if args.checkpointing if checkpointing is None else checkpointing:
+        cmd.append("--checkpointing")
     for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {
@@ -428,7 +453,11 @@ def launch(args: argparse.Namespace, side: str, model: Path, levers: list[str]) 
         raise SystemExit(f"{side} run failed (exit {proc.returncode})")
     result = json.loads(lines[-1][len("RESULT ") :])
     shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
-    print(f"  {side} {model.name} levers={','.join(levers) or '-'}: {shown}", flush=True)
+    print(
+        f"  {side} {model.name} levers={','.join(levers) or '-'}"
+        f"{' checkpointing' if '--checkpointing' in cmd else ''}: {shown}",
+        flush=True,
+    )
     return result
 
 
@@ -505,6 +534,11 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--data")
     parser.add_argument("--levers", default="")
+    # TRL's SFTConfig recomputes activations by default (gradient_checkpointing=True); the
+    # benchmark sets the same on both sides: off unless asked.
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="both sides recompute activations"
+    )
     args = parser.parse_args()
     if args.side:
         child(args)
@@ -530,7 +564,9 @@ def main() -> None:
     print(
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
-        f"{args.workers} DataLoader worker(s), load average {os.getloadavg()[0]:.2f}"
+        f"{args.workers} DataLoader worker(s), activation recomputation "
+        f"{'on' if args.checkpointing else 'off'} on both sides, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     rows, label_check, paired = {}, None, {}
     for config in configs:
@@ -554,6 +590,11 @@ def main() -> None:
                 rows[(config, f"automodel -{lever}")] = summarize(
                     [launch(args, "automodel", model, rest)], samples, per
                 )
+        if config == "a" and not args.no_lever_rows and not args.checkpointing:
+            # TRL as it comes: SFTConfig recomputes activations unless told not to.
+            rows[(config, "TRL, its default recompute")] = summarize(
+                [launch(args, "trl", model, [], checkpointing=True)], samples, per
+            )
         ours = runs["automodel"]
         print(
             f"({config}) data pipeline (automodel, {args.workers} worker(s)): "

@@ -344,6 +344,9 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"speedup=\d+\.\d+ memory_ratio=\d+\.\d+", lines[-1])
     assert "'same_input_ids': True" in result.stdout
+    # Neither side recomputes activations (TRL's SFTConfig would by default).
+    assert result.stdout.count("'recompute': False") == 2
+    assert "'recompute': True" not in result.stdout
     counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
     assert counts and counts.group(1) == counts.group(2)
     pipeline = re.search(
