@@ -3,6 +3,8 @@
     python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~23 min idle)
     python benchmarks/vs_trl.py --quick         # a smoke run: tiny model, 2 steps, 1 round
     python benchmarks/vs_trl.py --gpu           # CUDA: a Gemma-3-4B-shaped model with LoRA
+    python benchmarks/vs_trl.py --image-tokens 256 --configs b --no-lever-rows
+                                                # Gemma 3's own 256 tokens per image
 
 Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
 262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -151,6 +154,17 @@ def make_data(out_dir: Path, n: int, image_size: int, seed: int = 0) -> Path:
             }
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def with_image_tokens(sizes: dict, tokens: int) -> dict:
+    """``sizes`` with ``tokens`` tokens per image, the image grown when its patch grid needs it."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise SystemExit(f"--image-tokens {tokens}: use a square (16, 64, 256)")
+    patches = sizes["image_size"] // sizes["patch_size"]
+    if patches % side:
+        patches = side
+    return {**sizes, "mm_tokens_per_image": tokens, "image_size": patches * sizes["patch_size"]}
 
 
 def make_model(out_dir: Path, vocab_size: int, sizes: dict) -> Path:
@@ -527,6 +541,11 @@ def main() -> None:
     parser.add_argument("--configs", default="a,b")
     parser.add_argument("--no-lever-rows", action="store_true", help="skip the per-lever rows")
     parser.add_argument("--gpu", action="store_true", help="CUDA, Gemma-3-4B-shaped, LoRA")
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        help="tokens per image (a square; Gemma 3 has 256), instead of the twin's 16",
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (--gpu)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
     # Internal: one side in this process.
@@ -557,6 +576,9 @@ def main() -> None:
         sizes, configs, args.no_lever_rows = GPU_SIZES, ["b"], True
         args.rounds, args.warmup = 1, 2
         args.steps, args.global_batch, args.local_batch = 10, 4, 4
+    twin = "gemma3"
+    if args.image_tokens:
+        sizes, twin = with_image_tokens(sizes, args.image_tokens), f"gemma3_img{args.image_tokens}"
     work = Path(args.work) / ("quick" if args.quick else "gpu" if args.gpu else "full")
     args.data = make_data(work / "data", args.samples, sizes["image_size"])
     all_levers = [x for x in LEVERS if not (x == "compile" and (args.quick or args.gpu))]
@@ -564,13 +586,14 @@ def main() -> None:
     print(
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
-        f"{args.workers} DataLoader worker(s), activation recomputation "
+        f"{args.workers} DataLoader worker(s), {sizes['mm_tokens_per_image']} tokens per image, "
+        f"activation recomputation "
         f"{'on' if args.checkpointing else 'off'} on both sides, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     rows, label_check, paired = {}, None, {}
     for config in configs:
-        model = make_model(work / f"gemma3_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
+        model = make_model(work / f"{twin}_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
         per = tokens_per_sample(model, args.data)
         runs = {"automodel": [], "TRL": []}
         for _ in range(args.rounds):
