@@ -1,6 +1,6 @@
 """automodel against TRL's SFTTrainer: the same fine-tune, side by side, in one run.
 
-    python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~23 min idle)
+    python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~18 min idle)
     python benchmarks/vs_trl.py --quick         # a smoke run: tiny model, 2 steps, 1 round
     python benchmarks/vs_trl.py --gpu           # CUDA: a Gemma-3-4B-shaped model with LoRA
     python benchmarks/vs_trl.py --image-tokens 256 --configs b --no-lever-rows
