@@ -18,8 +18,9 @@ Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
 (automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
 compiles in them), and the table shows the median of the rounds. Rows ``automodel -<lever>``
 switch one lever off on configuration (b) to show what it contributes; the row ``TRL, its
-default recompute`` is one TRL run on (a) with ``gradient_checkpointing`` left on. The automodel side also
-reports the share of the timed steps it waited for data and what its data loader delivers alone.
+default recompute`` is one TRL run on (a) with ``gradient_checkpointing`` left on. The automodel
+side also reports the share of the timed steps it waited for data and what its data loader
+delivers alone.
 The last line reads ``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL
 peak memory on (b)>``, each the median over rounds of the ratio within a round.
 

@@ -357,9 +357,9 @@ def train_tokenizer(
 def _with_unused_tokens(tokenizer: Tokenizer, count: int) -> Tokenizer:
     """``tokenizer`` with ``count`` more ``<unusedN>`` entries at the end of its BPE vocabulary.
 
-    They are ordinary vocabulary entries that no merge produces, not added tokens: a 262k
-    vocabulary of added tokens costs about 0.5 GB and seconds to load, which Gemma 3's own
-    tokenizer (a 262k BPE vocabulary with a few thousand added tokens) does not.
+    They are ordinary vocabulary entries that no merge produces, not added tokens: 260k added
+    tokens cost about 0.5 GB and seconds to load, where a real 262k tokenizer keeps its tokens
+    in the model's vocabulary.
     """
     spec = json.loads(tokenizer.to_str())
     vocab = spec["model"]["vocab"]
