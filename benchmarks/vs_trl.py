@@ -588,8 +588,7 @@ def main() -> None:
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
         f"{args.workers} DataLoader worker(s), {sizes['mm_tokens_per_image']} tokens per image, "
-        f"activation recomputation "
-        f"{'on' if args.checkpointing else 'off'} on both sides, "
+        f"activation recomputation on both sides: {'on' if args.checkpointing else 'off'}, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     rows, label_check, paired = {}, None, {}
