@@ -101,3 +101,11 @@ def test_resolve_config_accepts_the_shipped_examples():
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(UsageError, match=message):
         resolve_config(apply_overrides(load_yaml(NEMO_YAML), parse_overrides([override])))
+
+
+def test_validation_dataloader_without_target_gets_the_default_loader():
+    cfg = load_yaml(NEMO_YAML)
+    cfg["validation_dataloader"] = {"batch_size": 2, "num_workers": 0}
+    resolved, _ = resolve_config(cfg)
+    assert resolved["validation_dataloader"]["_target_"] == resolved["dataloader"]["_target_"]
+    assert resolved["validation_dataloader"]["num_workers"] == 0

@@ -177,6 +177,10 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
             node.setdefault(key, copy.deepcopy(value))
     collate = resolved["dataloader"].setdefault("collate_fn", {"_target_": DEFAULT_COLLATE})
     collate.setdefault("_target_", DEFAULT_COLLATE)
+    # A validation_dataloader section builds the same loader class unless it names one (the
+    # collate is dataloader.collate_fn's for both).
+    if isinstance(resolved.get("validation_dataloader"), dict):
+        resolved["validation_dataloader"].setdefault("_target_", DEFAULTS["dataloader"]["_target_"])
     own = {}
     for section in ("dataloader", "validation_dataloader"):
         node = resolved.get(section)
