@@ -1,8 +1,17 @@
-"""Runs that survive: killed or stopped runs resume, through the real CLI, to the same bits.
+"""Runs that survive: killed or stopped runs resume, through the real CLI, to the same weights.
 
 Each test compares an uninterrupted run with a run that is interrupted at a random step and then
-rerun with the same command: ``final_model`` must be bitwise identical and ``training.jsonl`` must
-hold the same losses for every step, once each.
+rerun with the same command: ``final_model`` must hold the same weights and ``training.jsonl``
+the same losses for every step, once each.
+
+"The same" allows last-bit noise, nothing more: two fresh processes running the same command on
+this CPU have, rarely, differed in the last bits from one step on (seen before any interruption:
+a killed run's own step 4 against the reference's, loss 6.5237799 vs 6.5237818, weights by
+~1e-7). Hence loss and validation loss within 1e-5 relative, grad norm within 1e-4 (the noise
+grows over steps) and weights within 1e-5; the learning rate must be equal. A resume mistake is
+far outside that: a skipped or repeated batch logs another batch's loss (this run's losses
+differ by 4-7% from one step to the next), a scheduler off by a step logs another lr, and a
+fresh AdamW state moves every weight by about the learning rate (1e-4 here).
 """
 
 from __future__ import annotations
@@ -132,18 +141,30 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     steps = [r["step"] for r in res_train]
     assert steps == [r["step"] for r in ref_train], f"steps logged: {steps}"
     for ref, res in zip(ref_train, res_train, strict=True):
-        for key in ("loss", "lr", "grad_norm"):
-            assert ref[key] == res[key], f"step {ref['step']} {key}: {ref[key]} != {res[key]}"
+        assert ref["lr"] == res["lr"], f"step {ref['step']} lr: {ref['lr']} != {res['lr']}"
+        for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
+            assert res[key] == pytest.approx(ref[key], rel=rel), f"step {ref['step']} {key}"
     ref_val, res_val = (
         records(reference / "validation.jsonl"),
         records(resumed / "validation.jsonl"),
     )
-    assert [(r["step"], r["val_loss"]) for r in ref_val] == [
-        (r["step"], r["val_loss"]) for r in res_val
-    ]
-    ref_bytes = (reference / "final_model" / "model.safetensors").read_bytes()
-    res_bytes = (resumed / "final_model" / "model.safetensors").read_bytes()
-    assert ref_bytes == res_bytes, "final_model differs from the uninterrupted run's"
+    assert [r["step"] for r in ref_val] == [r["step"] for r in res_val]
+    for ref, res in zip(ref_val, res_val, strict=True):
+        assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), f"val {ref['step']}"
+    assert_same_weights(reference / "final_model", resumed / "final_model")
+
+
+def assert_same_weights(reference: Path, other: Path) -> None:
+    """The same tensor names, shapes and dtypes, and values within 1e-5 (see the docstring)."""
+    from safetensors.torch import load_file
+
+    ref = load_file(reference / "model.safetensors")
+    res = load_file(other / "model.safetensors")
+    assert ref.keys() == res.keys()
+    for name, tensor in ref.items():
+        assert res[name].dtype == tensor.dtype and res[name].shape == tensor.shape, name
+        diff = (res[name].float() - tensor.float()).abs().max().item()
+        assert diff <= 1e-5, f"final_model {name} differs by {diff:.2e} from the reference"
 
 
 @pytest.fixture(scope="module")
@@ -235,11 +256,10 @@ def test_restore_from_another_runs_checkpoint(reference, tmp_path, tiny_gemma3, 
     result = ok(run_cli(*args, env=trackers[1]))
     assert "at step 9/" in result.stdout
     train = records(second / "training.jsonl")
-    assert [(r["step"], r["loss"]) for r in train] == [
-        (r["step"], r["loss"]) for r in records(reference / "training.jsonl") if r["step"] == 10
-    ]
-    same = (second / "final_model" / "model.safetensors").read_bytes()
-    assert same == (reference / "final_model" / "model.safetensors").read_bytes()
+    last = [r for r in records(reference / "training.jsonl") if r["step"] == 10]
+    assert [r["step"] for r in train] == [10]
+    assert train[0]["loss"] == pytest.approx(last[0]["loss"], rel=1e-5)
+    assert_same_weights(reference / "final_model", second / "final_model")
 
     bad = run_cli(
         *finetune_args(tiny_gemma3, receipts, tmp_path / "third", "--checkpoint.restore_from=nope")
