@@ -224,7 +224,7 @@ def test_a_run_writes_checkpoints_logs_and_trackers(reference):
     assert ["wandb.finish"] in made and ["mlflow.end_run"] in made
 
 
-def test_sigkill_then_rerun_gives_the_same_bits(
+def test_sigkill_then_rerun_gives_the_same_weights(
     reference, tmp_path, tiny_gemma3, receipts, trackers
 ):
     env = trackers[1]
@@ -267,7 +267,7 @@ def test_restore_from_another_runs_checkpoint(reference, tmp_path, tiny_gemma3, 
     assert bad.returncode == 2 and "checkpoint.restore_from=nope" in bad.stderr
 
 
-def test_sigterm_saves_then_rerun_gives_the_same_bits(
+def test_sigterm_saves_then_rerun_gives_the_same_weights(
     reference, tmp_path, tiny_gemma3, receipts, trackers
 ):
     resumed = tmp_path / "resumed"
