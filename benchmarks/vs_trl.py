@@ -476,9 +476,14 @@ def launch(
     return result
 
 
+def memory_key(run: dict) -> str:
+    """The peak-memory figure of a run: CUDA memory on a GPU, else the process's RSS."""
+    return "peak_gpu_gb" if "peak_gpu_gb" in run else "peak_rss_gb"
+
+
 def summarize(runs: list[dict], samples: int, tokens_per: float) -> dict:
     sps = statistics.median(samples / r["seconds"] for r in runs)
-    memory = "peak_gpu_gb" if "peak_gpu_gb" in runs[0] else "peak_rss_gb"
+    memory = memory_key(runs[0])
     return {
         "samples_per_s": sps,
         "tokens_per_s": sps * tokens_per,
@@ -494,7 +499,7 @@ def paired_ratios(runs: dict) -> dict:
     Each round's two runs follow one another, so a drift in the machine's speed over the
     benchmark (frequency, other load) moves both; the median of these ratios is the headline.
     """
-    memory = "peak_gpu_gb" if "peak_gpu_gb" in runs["TRL"][0] else "peak_rss_gb"
+    memory = memory_key(runs["TRL"][0])
     pairs = list(zip(runs["automodel"], runs["TRL"]))
     return {
         "speed": [trl["seconds"] / ours["seconds"] for ours, trl in pairs],

@@ -61,7 +61,7 @@ from automodel.models.freeze import apply_freeze, count_parameters, vision_modul
 from automodel.models.packing import Packer
 from automodel.models.vision_cache import build_vision_cache
 from automodel.peft import apply_lora, is_peft_model, merge
-from automodel.recipes.vlm.config import DEFAULTS, resolve_config
+from automodel.recipes.vlm.config import resolve_config
 from automodel.training.checkpoint import (
     FULL_ON_CPU,
     CheckpointManager,
@@ -262,7 +262,6 @@ class FinetuneRecipeForVLM:
 
     def build_dataloader(self, loader_cfg: dict, dataset, train: bool):
         node = {k: v for k, v in loader_cfg.items() if k != "collate_fn"}
-        node.setdefault("_target_", DEFAULTS["dataloader"]["_target_"])
         grouped, shuffle = node.pop("group_by_length", False), node.pop("shuffle", train)
         sampler = make_sampler(
             dataset,
