@@ -8,11 +8,13 @@
 
 Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
 262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
-with the same global batch, steps, AdamW and learning rate, answer-only labels (TRL's
-``assistant_only_loss``; the label counts of both collates on the same batch are printed), the
-vision tower frozen, fp32 on the CPU, the same number of DataLoader workers and threads, and the
-same activation recomputation: none, unless ``--checkpointing`` turns it on for both (TRL's
-``SFTConfig`` turns ``gradient_checkpointing`` on by default, which trades its speed for memory).
+with the same global batch, steps, learning rate and fused AdamW (SFTConfig's default and
+automodel's), answer-only labels (TRL's ``assistant_only_loss``; the label counts of both collates
+on the same batch are printed), the vision tower frozen, fp32 on the CPU, the same number of
+DataLoader workers and threads, and the same activation recomputation: none, unless
+``--checkpointing`` turns it on for both (TRL's ``SFTConfig`` turns ``gradient_checkpointing`` on
+by default, which trades its speed for memory). Each run reports its optimizer and whether it
+recomputes, so a difference between the sides shows in the output.
 
 Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
 (automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
@@ -245,6 +247,7 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "data_wait_pct": 100 * waited / seconds,
         "pipeline_samples_per_s": pipeline_rate(recipe.train_loader),
         "recompute": recomputes(recipe.model),
+        "optimizer": optimizer_kind(recipe.optimizer),
         **model_flops(recipe.model),
     }
 
@@ -252,6 +255,13 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
 def recomputes(model) -> bool:
     """Whether any module of ``model`` recomputes its activations in backward."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def optimizer_kind(optimizer) -> str:
+    """The optimizer's class, ``+fused`` when one kernel updates each parameter."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    fused = optimizer.defaults.get("fused") or False
+    return type(optimizer).__name__ + ("+fused" if fused else "")
 
 
 def pipeline_rate(loader, epochs: int = 2) -> float:
@@ -377,7 +387,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         weight_decay=0.0,
         lr_scheduler_type="linear",
         warmup_steps=0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # SFTConfig's default with torch >= 2.8; automodel's too
         max_grad_norm=1.0,
         gradient_checkpointing=args.checkpointing,
         assistant_only_loss=True,
@@ -409,6 +419,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         "loss": result.training_loss,
         "trainable": trainable,
         "recompute": recomputes(trainer.model),
+        "optimizer": optimizer_kind(trainer.optimizer),
         **counts,
     }
 

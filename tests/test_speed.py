@@ -347,6 +347,8 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     # Neither side recomputes activations (TRL's SFTConfig would by default).
     assert result.stdout.count("'recompute': False") == 2
     assert "'recompute': True" not in result.stdout
+    # The same optimizer kernel on both sides (SFTConfig's default is fused AdamW, as ours).
+    assert result.stdout.count("'optimizer': 'AdamW+fused'") == 2
     counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
     assert counts and counts.group(1) == counts.group(2)
     pipeline = re.search(
