@@ -5,16 +5,19 @@
     python benchmarks/vs_trl.py --gpu           # CUDA: a Gemma-3-4B-shaped model with LoRA
     python benchmarks/vs_trl.py --image-tokens 256 --configs b --no-lever-rows
                                                 # Gemma 3's own 256 tokens per image
+    python benchmarks/vs_trl.py --bf16          # both sides autocast to bf16 (AMX CPUs), plus
+                                                # the lever row -fp32_attention
 
 Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
 262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
 with the same global batch, steps, learning rate and fused AdamW (SFTConfig's default and
 automodel's), answer-only labels (TRL's ``assistant_only_loss``; the label counts of both collates
-on the same batch are printed), the vision tower frozen, fp32 on the CPU, the same number of
-DataLoader workers and threads, and the same activation recomputation: none, unless
-``--checkpointing`` turns it on for both (TRL's ``SFTConfig`` turns ``gradient_checkpointing`` on
-by default, which trades its speed for memory). Each run reports its optimizer and whether it
-recomputes, so a difference between the sides shows in the output.
+on the same batch are printed), the vision tower frozen, fp32 on the CPU (``--bf16``: fp32
+weights, bf16 autocast on both sides), the same number of DataLoader workers and threads, and the
+same activation recomputation: none, unless ``--checkpointing`` turns it on for both (TRL's
+``SFTConfig`` turns ``gradient_checkpointing`` on by default, which trades its speed for memory).
+Each run reports its optimizer and whether it recomputes, so a difference between the sides
+shows in the output.
 
 Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
 (automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
@@ -111,6 +114,8 @@ LEVERS = {
     # Compiles in the warm-up steps (the first step, then once more for dynamic shapes); left out
     # of --quick (a smoke run) and --gpu (the 10-minute budget of a lent GPU).
     "compile": {"compile": {"enabled": True}},
+    # Attention in fp32 under bf16 autocast on a CPU (only with --bf16; a no-op in fp32).
+    "fp32_attention": {"precision": {"fp32_attention_on_cpu": True}},
 }
 
 WORDS = [
@@ -217,10 +222,12 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
         "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "linear", "min_lr": 0.0},
         "freeze_config": {"freeze_vision_tower": True},
-        "precision": {"autocast": "none"},
+        "precision": {"autocast": "none", "fp32_attention_on_cpu": False},
         "checkpoint": {"enabled": False, "checkpoint_dir": out},
         "distributed": {"activation_checkpointing": args.checkpointing},
     }
+    if args.bf16:  # fp32 weights and optimizer states, bf16 matrix products
+        cfg["precision"]["autocast"] = "bf16"
     if args.gpu:
         cfg["model"]["torch_dtype"] = "bfloat16"
         cfg["precision"]["autocast"] = "bf16"
@@ -398,7 +405,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         report_to=[],
         dataloader_num_workers=args.workers,
         use_cpu=not cuda,
-        bf16=cuda,
+        bf16=cuda or args.bf16,
         fp16=False,
         seed=42,
     )
@@ -458,8 +465,9 @@ def launch(
         "--levers",
         ",".join(levers),
     ]
-    if args.gpu:
-        cmd.append("--gpu")
+    for flag in ("gpu", "bf16"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag}")
     if args.checkpointing if checkpointing is None else checkpointing:
         cmd.append("--checkpointing")
     for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr"):
@@ -563,6 +571,9 @@ def main() -> None:
         type=int,
         help="tokens per image (a square; Gemma 3 has 256), instead of the twin's 16",
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="both sides autocast to bf16 (fp32 weights)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (--gpu)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
     # Internal: one side in this process.
@@ -598,13 +609,19 @@ def main() -> None:
         sizes, twin = with_image_tokens(sizes, args.image_tokens), f"gemma3_img{args.image_tokens}"
     work = Path(args.work) / ("quick" if args.quick else "gpu" if args.gpu else "full")
     args.data = make_data(work / "data", args.samples, sizes["image_size"])
-    all_levers = [x for x in LEVERS if not (x == "compile" and (args.quick or args.gpu))]
+    all_levers = [
+        x
+        for x in LEVERS
+        if not (x == "compile" and (args.quick or args.gpu))
+        and not (x == "fp32_attention" and not args.bf16)
+    ]
     samples = args.steps * args.global_batch
     print(
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
         f"{args.workers} DataLoader worker(s), {sizes['mm_tokens_per_image']} tokens per image, "
         f"activation recomputation on both sides: {'on' if args.checkpointing else 'off'}, "
+        f"matrix products in {'bf16 (autocast)' if args.bf16 or args.gpu else 'fp32'}, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     rows, label_check, paired = {}, None, {}

@@ -322,6 +322,36 @@ def test_compile_gives_the_same_loss(tmp_path, tiny_gemma3, receipts):
     assert compiled == pytest.approx(plain, rel=1e-4)
 
 
+# --------------------------------------------------------------------------- fp32 attention
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast(
+    tmp_path, tiny_gemma3, receipts, monkeypatch
+):
+    from automodel.models import attention
+
+    seen = []
+
+    def recording(module, query, *args, **kwargs):
+        seen.append(query.dtype)
+        return sdpa(module, query, *args, **kwargs)
+
+    sdpa = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recording)
+    losses = {}
+    for name, switch in (("fp32", True), ("bf16", False)):
+        cfg = config(tiny_gemma3, receipts, tmp_path / name, steps=2)
+        cfg["precision"] = {"autocast": "bf16", "fp32_attention_on_cpu": switch}
+        seen.clear()
+        _, losses[name] = train(cfg)
+        # Off: the decoder's attention takes bf16 (the frozen tower may run outside autocast).
+        assert seen and (torch.bfloat16 in seen) != switch
+    seen.clear()
+    _, losses["none"] = train(config(tiny_gemma3, receipts, tmp_path / "none", steps=2))
+    assert set(seen) == {torch.float32}  # no autocast: attention untouched, in fp32
+    # The same loss within bf16's precision, with or without the switch.
+    assert losses["fp32"] == pytest.approx(losses["bf16"], rel=1e-2)
+    assert losses["fp32"] == pytest.approx(losses["none"], rel=1e-2)
+
+
 # --------------------------------------------------------------------------- the benchmark
 def test_benchmark_against_trl_quick_run(tmp_path):
     pytest.importorskip("trl")
@@ -344,6 +374,7 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"speedup=\d+\.\d+ memory_ratio=\d+\.\d+", lines[-1])
     assert "'same_input_ids': True" in result.stdout
+    assert "matrix products in fp32" in lines[0]
     # Neither side recomputes activations (TRL's SFTConfig would by default).
     assert result.stdout.count("'recompute': False") == 2
     assert "'recompute': True" not in result.stdout

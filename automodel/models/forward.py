@@ -29,8 +29,9 @@ def to_model(batch: dict, model) -> dict:
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The dtype of ``precision.autocast`` (``auto``, ``bf16``, ``fp16``, ``none``) on ``device``.
 
-    ``auto`` is bf16 on a CUDA device that supports it and no autocast elsewhere: CPUs run bf16
-    matmuls slower than fp32.
+    ``auto`` is bf16 on a CUDA device that supports it and no autocast elsewhere. On a CPU, bf16
+    is fast only with AMX units (there, 3-10x fp32's matmul throughput) and changes every
+    matmul's numerics, so a CPU run gets it only when the config asks for ``bf16``.
     """
     if mode not in ("auto", "bf16", "fp16", "none"):
         raise UsageError(f"precision.autocast={mode!r}: use auto, bf16, fp16 or none")

@@ -55,7 +55,7 @@ SCHEMA = Schema(
             "freeze_embeddings": bool,
         },
         "clip_grad_norm": {"max_norm": (float, type(None))},
-        "precision": {"autocast": str},
+        "precision": {"autocast": str, "fp32_attention_on_cpu": bool},
         "checkpoint": {
             "enabled": bool,
             "checkpoint_dir": str,
@@ -137,7 +137,7 @@ DEFAULTS = {
     "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
     "freeze_config": {"freeze_vision_tower": True},
     "clip_grad_norm": {"max_norm": 1.0},
-    "precision": {"autocast": "auto"},
+    "precision": {"autocast": "auto", "fp32_attention_on_cpu": True},
     "checkpoint": {"enabled": True, "checkpoint_dir": "checkpoints", "keep_last_n": None},
     "preview": {"num_samples": 0, "max_new_tokens": 128},
     "eval": {
