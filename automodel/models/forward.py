@@ -10,6 +10,7 @@ from torch import nn
 from automodel.datasets.collate import SEQUENCE_KEYS
 from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden, label_loss, output_logits
+from automodel.models.attention import fp32_attention_on_cpu
 from automodel.peft.lora import unwrap
 
 
@@ -41,6 +42,16 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else None
     return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def apply_precision(model: nn.Module, precision: dict, device: torch.device) -> torch.dtype | None:
+    """The config's ``precision`` section for ``model`` on ``device``: the autocast dtype (None:
+    no autocast), and under CPU autocast, attention in fp32 unless
+    ``precision.fp32_attention_on_cpu`` is false (see ``models/attention.py``)."""
+    dtype = autocast_dtype(precision["autocast"], device)
+    if dtype is not None and device.type == "cpu":
+        fp32_attention_on_cpu(model, precision["fp32_attention_on_cpu"])
+    return dtype
 
 
 def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,12 +48,11 @@ from automodel.errors import UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.generation import generate_reply, prompt_messages, reply_text
 from automodel.loss.masked_ce import IGNORE_INDEX
-from automodel.models.attention import fp32_attention_on_cpu
 from automodel.models.auto import load_processor
 from automodel.models.compile import compile_model
 from automodel.models.forward import (
     TrainForward,
-    autocast_dtype,
+    apply_precision,
     blank_image_sample,
     to_model,
     vision_inputs,
@@ -138,9 +137,7 @@ class FinetuneRecipeForVLM:
             self.optimizer, self.max_steps, **cfg["lr_scheduler"]
         )
         self.vision_loss = self.build("vision_loss", self.model)  # weight 0: loss unchanged
-        self.autocast_dtype = autocast_dtype(cfg["precision"]["autocast"], self.device)
-        if self.autocast_dtype is not None and self.device.type == "cpu":
-            fp32_attention_on_cpu(self.model, cfg["precision"]["fp32_attention_on_cpu"])
+        self.autocast_dtype = apply_precision(self.model, cfg["precision"], self.device)
         self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
         self.step, self.epoch, self.dropped_samples = 0, 0, 0
         self.data_wait = DataWait(cfg["dataloader"].get("num_workers", 0))
