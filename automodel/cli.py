@@ -164,8 +164,7 @@ def cmd_models(args: list[str]) -> int:
     )
     tiny.add_argument(
         "family",
-        help="model family: gemma3, paligemma, qwen2_vl, qwen2_5_vl, smolvlm, idefics3, llava "
-        "(CLIP tower) or llava_siglip",
+        help="the family whose twin to build (docs/families.md lists the twins)",
     )
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)

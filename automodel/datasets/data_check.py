@@ -111,7 +111,7 @@ def check_dataset(
         measure = [good[i] for i in chosen]
     else:
         measure = list(good)
-    image_ids = torch.tensor(_image_ids(processor))
+    image_ids = torch.tensor(collate.image_token_ids(processor))
     # The collate's own per-sample verdict (special tokens in text, images in replies ...).
     collate_problem = getattr(collate, "sample_problem", None)
     text, images, totals, labels = [], [], [], []
@@ -230,19 +230,6 @@ def _histogram_lines(title: str, stats: dict[str, Any]) -> list[str]:
         bar = "#" * round(BAR * count / peak) if peak else ""
         lines.append(f"  {int(lo):>6}-{int(np.ceil(hi)) - 1:<6} {bar:<{BAR}} {count}")
     return lines
-
-
-def _image_ids(processor: Any) -> list[int]:
-    """Image token ids from the processor and its tokenizer (Gemma 3's processor names the
-    begin-of-image token ``image_token_id``, its tokenizer the soft image token)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = set(collate.image_token_ids(processor))
-    for attr in ("image_token_id", "boi_token_id", "eoi_token_id", "image_token_index"):
-        for owner in (processor, tokenizer):
-            value = getattr(owner, attr, None)
-            if isinstance(value, int):
-                ids.add(value)
-    return sorted(ids)
 
 
 def _processor(cfg: dict, extra: tuple[str, ...]) -> Any:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UsageError
+from automodel.models.families import family_of, transformers_model
 
 STRATEGIES = ("none", "ddp", "fsdp2")
 
@@ -32,13 +33,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision tower inside ``model`` (which may wrap the transformers model)."""
-    for module in model.modules():
-        for name in ("vision_tower", "vision_model", "visual"):
-            tower = module._modules.get(name)
-            if isinstance(tower, nn.Module):
-                return tower
-    return None
+    """The vision tower inside ``model`` (which may wrap the transformers model), as the family
+    registry names it, or None."""
+    inner = transformers_model(model)
+    paths = family_of(inner).tower
+    return inner.get_submodule(paths[0]) if paths else None
 
 
 DTYPE_KEYS = ("param_dtype", "reduce_dtype")
