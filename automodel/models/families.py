@@ -14,6 +14,7 @@ Module paths are attribute paths from the ``*ForConditionalGeneration`` model, a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -316,8 +317,6 @@ def probed_family(model: nn.Module) -> Family:
 
 
 def _signature(method: Callable) -> tuple[str, ...]:
-    import inspect
-
     return tuple(inspect.signature(method).parameters)
 
 
