@@ -2,8 +2,9 @@
 hold on the twin, the registry agrees with attribute probing (the fallback for an unregistered
 family, which prints a one-line notice), and no other runtime module names a family.
 
-Each item of the checklist in docs/families.md is one of these tests. The twins are built once
-per session (``tiny_family`` in conftest.py); the whole file takes about 20 seconds on 2 cores.
+The checklist in docs/families.md names these tests (and tests/test_families.py and
+tests/test_packing.py). The twins are built once per session (``tiny_family`` in conftest.py);
+the whole file takes about 20 seconds on 2 cores.
 """
 
 from __future__ import annotations
