@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
 from automodel.eval.evaluate import default_metrics, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names, score_names
@@ -129,7 +130,7 @@ class PeriodicEvaluator:
 
 
 def build_periodic_evaluator(
-    eval_cfg: dict,
+    config: EvalConfig,
     every_steps: int | None,
     processor,
     dataset,
@@ -152,5 +153,11 @@ def build_periodic_evaluator(
     if every_steps < 1:
         raise UsageError(f"step_scheduler.eval_every_steps={every_steps} must be positive")
     return PeriodicEvaluator(
-        processor, dataset, out_dir, every_steps, **eval_cfg, logger=logger, start_step=start_step
+        processor,
+        dataset,
+        out_dir,
+        every_steps,
+        **config.to_dict(),
+        logger=logger,
+        start_step=start_step,
     )
