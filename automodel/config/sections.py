@@ -62,7 +62,8 @@ class StepSchedulerConfig(Section):
     val_every_steps: int | None = field(
         default=None,
         metadata=doc(
-            "steps between validation-loss passes (null or 0: at the last step only)", ge=0
+            "steps between validation-loss passes, besides the ones before the first and after the last step",
+            ge=0,
         ),
     )
     val_batches: int | None = field(
@@ -72,7 +73,8 @@ class StepSchedulerConfig(Section):
     ckpt_every_steps: int | None = field(
         default=None,
         metadata=doc(
-            "steps between step checkpoints (also written at the last step; null or 0: none)", ge=0
+            "steps between step checkpoints, plus one at the last step (null or 0: no step checkpoints)",
+            ge=0,
         ),
     )
     max_consecutive_nonfinite: int = field(
