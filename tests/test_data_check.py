@@ -108,7 +108,9 @@ def test_skip_policy_keeps_only_good_samples_and_records_the_rest(bad_folder, tm
     ]
     assert len(_bad_log(out)) == len(BAD_LINES)
     with pytest.raises(UsageError, match=r"more than data_check\.max_bad_fraction=0\.3"):
-        screen_dataset(ds, "dataset", out, DataCheckConfig("skip", 0.3))
+        screen_dataset(
+            ds, "dataset", out, DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.3)
+        )
     with pytest.raises(UsageError, match="on_bad_sample: 'ignore' is not one of error, skip"):
         screen_dataset(ds, "dataset", out, DataCheckConfig(on_bad_sample="ignore"))
 
