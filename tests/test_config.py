@@ -282,3 +282,9 @@ def test_the_cli_refuses_a_bad_value_with_exit_code_2(tmp_path, command, overrid
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints").exists(), "nothing may start before the config is valid"
+
+
+def test_the_tracked_score_must_be_one_the_named_metrics_produce():
+    cfg = _set(load_yaml(NEMO_YAML), "eval", {"metrics": ["vqa"], "best_metric": "bleu4"})
+    with pytest.raises(UsageError, match="eval.best_metric: 'bleu4' is not one of exact_match"):
+        resolve_config(cfg)

@@ -33,7 +33,7 @@ from automodel.config.sections import (
 from automodel.config.typed import Section
 from automodel.config.validate import Schema, validate_config
 from automodel.errors import UsageError
-from automodel.eval.metrics import expand_metric_names
+from automodel.eval.metrics import expand_metric_names, score_names
 from automodel.training.loggers import check_installed
 
 DEFAULT_PEFT = "automodel.peft.LoraConfig"
@@ -231,7 +231,19 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
         resolved[section].update(keys)
     typed = FinetuneConfig.from_config(resolved)
     resolved.update(typed.to_dicts())
-    if typed.eval.metrics is not None:
-        expand_metric_names(typed.eval.metrics)  # a misspelt metric costs no model load
+    check_eval(typed.eval)
     check_installed(resolved)
     return resolved, notices
+
+
+def check_eval(settings: EvalConfig) -> None:
+    """The ``eval`` settings that can be checked without the dataset: metric names, and the
+    tracked score when the metrics are named."""
+    if settings.metrics is None:
+        return  # the dataset's own metrics: known once it is built
+    available = score_names(expand_metric_names(settings.metrics))
+    if settings.best_metric is not None and settings.best_metric not in available:
+        raise UsageError(
+            f"eval.best_metric: {settings.best_metric!r} is not one of {', '.join(available)} "
+            f"(the scores of eval.metrics {settings.metrics})"
+        )
