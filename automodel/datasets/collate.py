@@ -35,7 +35,7 @@ import logging
 import math
 import re
 import weakref
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
@@ -46,7 +46,8 @@ from automodel.models import families
 
 logger = logging.getLogger(__name__)
 
-OVERLENGTH_POLICIES = ("drop", "error")
+OnOverlength = Literal["drop", "error"]
+OVERLENGTH_POLICIES = get_args(OnOverlength)
 
 # Keys whose second dimension is the sequence: truncated together with input_ids.
 SEQUENCE_KEYS = (
@@ -445,7 +446,7 @@ def default_collate_fn(
     examples: list[dict[str, Any]],
     processor,
     max_length: int | None = None,
-    on_overlength: str = "drop",
+    on_overlength: OnOverlength = "drop",
 ) -> dict[str, Any] | None:
     """Collates conversation samples into one padded batch.
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from automodel.config.instantiate import instantiate
+from automodel.config.sections import DataCheckConfig
 from automodel.datasets import collate
 from automodel.datasets.checks import (
     BadSample,
     allowed_bad,
-    check_policy,
     sample_location,
     scan_dataset,
 )
@@ -53,16 +53,13 @@ def check_config(
     extra = tuple(cfg.get("allowed_target_prefixes") or ())
     for i, node in enumerate(cfg.get("prepare") or []):
         instantiate(node, where=f"prepare[{i}]", extra_prefixes=extra)
-    policy = cfg.get("data_check") or {}
-    on_bad_sample = policy.get("on_bad_sample", "error")
-    max_bad_fraction = policy.get("max_bad_fraction", 0.1)
-    check_policy(on_bad_sample, max_bad_fraction)
+    policy = DataCheckConfig.from_dict(cfg.get("data_check") or {})
     processor = _processor(cfg, extra)
     max_length = (cfg.get("dataloader") or {}).get("collate_fn", {}).get("max_length")
 
     report: dict[str, Any] = {
-        "on_bad_sample": on_bad_sample,
-        "max_bad_fraction": max_bad_fraction,
+        "on_bad_sample": policy.on_bad_sample,
+        "max_bad_fraction": policy.max_bad_fraction,
         "max_length": max_length,
         "datasets": {},
     }
@@ -72,7 +69,7 @@ def check_config(
             continue
         dataset = instantiate(cfg[name], where=name, extra_prefixes=extra)
         entry = check_dataset(dataset, name, processor, max_length, max_samples, seed)
-        allowed = allowed_bad(entry["num_samples"], on_bad_sample, max_bad_fraction)
+        allowed = allowed_bad(entry["num_samples"], policy)
         entry["allowed_bad"] = allowed
         entry["ok"] = entry["num_bad"] <= allowed
         ok = ok and entry["ok"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from automodel.config.sections import FreezeConfig
 from automodel.errors import UsageError
 from automodel.models.families import family_of, tower_parts, transformers_model
 
@@ -56,21 +57,14 @@ def _freeze(modules: list[nn.Module], key: str, model: nn.Module) -> None:
         module.requires_grad_(False)
 
 
-def apply_freeze(
-    model: nn.Module,
-    freeze_vision_tower: bool = True,
-    freeze_projector: bool = False,
-    freeze_language_model: bool = False,
-    freeze_embeddings: bool = False,
-) -> None:
+def apply_freeze(model: nn.Module, config: FreezeConfig | None = None) -> None:
     """Sets ``requires_grad=False`` on the chosen parts of ``model`` (in place).
 
     Args:
         model: a transformers VLM (``*ForConditionalGeneration``).
-        freeze_vision_tower: the image encoder (the projector stays trainable).
-        freeze_projector: the vision-to-language projector.
-        freeze_language_model: the decoder and ``lm_head``.
-        freeze_embeddings: the input token embeddings (and ``lm_head`` when tied to them).
+        config: the ``freeze_config`` section (None: its defaults): ``freeze_vision_tower`` (the image encoder; the
+            projector stays trainable), ``freeze_projector``, ``freeze_language_model`` (the
+            decoder and ``lm_head``), ``freeze_embeddings`` (and ``lm_head`` when tied to them).
 
     The training loop keeps a frozen tower in eval mode (see ``vision_modules``), so dropout
     in it does not change its output between steps. A frozen tower fed pixel values that need
@@ -79,13 +73,14 @@ def apply_freeze(
     Raises:
         UsageError: a part to freeze does not exist in this model.
     """
-    if freeze_vision_tower:
+    config = config or FreezeConfig()
+    if config.freeze_vision_tower:
         _freeze(vision_modules(model), "freeze_vision_tower", model)
-    if freeze_projector:
+    if config.freeze_projector:
         _freeze(projector_modules(model), "freeze_projector", model)
-    if freeze_language_model:
+    if config.freeze_language_model:
         _freeze(language_modules(model), "freeze_language_model", model)
-    if freeze_embeddings:
+    if config.freeze_embeddings:
         _freeze(embedding_modules(model), "freeze_embeddings", model)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from automodel.config.sections import VisionCacheConfig
 from automodel.errors import UsageError
 from automodel.models.families import family_of, transformers_model
 
@@ -84,16 +85,12 @@ class VisionCache:
         self.entries.clear()
 
 
-def build_vision_cache(
-    model, enabled: bool = False, max_images: int | None = None, device: str | None = "cpu"
-) -> VisionCache | None:
-    """Wraps the model's frozen vision tower with a ``VisionCache`` when ``enabled``.
+def build_vision_cache(model, config: VisionCacheConfig) -> VisionCache | None:
+    """Wraps the model's frozen vision tower with a ``VisionCache`` when ``config.enabled``.
 
     Args:
         model: the VLM (or its PEFT wrapper), after freezing.
-        enabled: the config switch ``vision_cache.enabled``.
-        max_images: ``vision_cache.max_images``.
-        device: ``vision_cache.device``: where cached outputs live.
+        config: the ``vision_cache`` section (``enabled``, ``max_images``, ``device``).
 
     Returns:
         The cache, or ``None`` when disabled.
@@ -101,7 +98,7 @@ def build_vision_cache(
     Raises:
         UsageError: the tower trains (some of its parameters require grad) or was not found.
     """
-    if not enabled:
+    if not config.enabled:
         return None
     inner = transformers_model(model)
     path = family_of(inner).cached_tower
@@ -117,4 +114,4 @@ def build_vision_cache(
             "freeze_config.freeze_vision_tower=true (and keep LoRA off the tower), or turn the "
             "cache off"
         )
-    return VisionCache(tower, max_images, device)
+    return VisionCache(tower, config.max_images, config.device)

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import dump_yaml
+from automodel.config.sections import DistributedConfig, FreezeConfig, StepSchedulerConfig
 from automodel.datasets.checks import screen_dataset
 from automodel.datasets.samplers import make_sampler
 from automodel.distributed.env import (
@@ -36,7 +37,6 @@ from automodel.distributed.env import (
 from automodel.distributed.parallelize import (
     DTYPE_KEYS,
     build_mesh,
-    dp_size_of,
     dtype_of,
     freeze_unreached,
     gathered,
@@ -61,7 +61,7 @@ from automodel.models.freeze import apply_freeze, count_parameters, vision_modul
 from automodel.models.packing import Packer
 from automodel.models.vision_cache import build_vision_cache
 from automodel.peft import apply_lora, is_peft_model, merge
-from automodel.recipes.vlm.config import resolve_config
+from automodel.recipes.vlm.config import FinetuneConfig, resolve_config
 from automodel.training.checkpoint import (
     FULL_ON_CPU,
     CheckpointManager,
@@ -89,38 +89,45 @@ RANK_STATE = ("dataloader", "rng", "dropped_samples")
 
 
 class FinetuneRecipeForVLM:
-    """One fine-tuning run, from a resolved config to ``final_model``."""
+    """One fine-tuning run, from a resolved config to ``final_model``.
+
+    ``self.cfg`` is the resolved config (saved as ``config.yaml``; the ``_target_`` sections are
+    built from it); ``self.sections`` holds its plain sections typed.
+    """
 
     def __init__(self, cfg: dict):
         self.cfg, self.notices = resolve_config(cfg)
+        self.sections = FinetuneConfig.from_config(self.cfg)
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, sections = self.cfg, self.sections
         return_freed_memory()
         print0("resolved config:\n" + dump_yaml(cfg))
         for notice in self.notices:
             print0(notice)
         self.extra_prefixes = tuple(cfg.get("allowed_target_prefixes") or ())
-        self.dist = init_distributed(**cfg["dist_env"])
+        self.dist = init_distributed(sections.dist_env)
         self.device = self.dist.device
-        self.out_dir = check_writable(cfg["checkpoint"]["checkpoint_dir"])
-        self.checkpoints = self.build_checkpoints(cfg["checkpoint"])
-        self.resume_dir = self.checkpoints.find_resume(cfg["checkpoint"].get("restore_from"))
+        self.out_dir = check_writable(sections.checkpoint.checkpoint_dir)
+        self.checkpoints = CheckpointManager(
+            self.out_dir, sections.checkpoint.keep_last_n, sections.checkpoint.enabled
+        )
+        self.resume_dir = self.checkpoints.find_resume(sections.checkpoint.restore_from)
         if self.dist.is_main:
             save_config(cfg, self.out_dir)
         self.rng = self.build("rng")
         self.run_prepare(cfg.get("prepare") or [])
 
-        self.model = self.build_model(cfg["model"], cfg["freeze_config"], cfg.get("peft"))
-        self.vision_cache = build_vision_cache(self.model, **cfg["vision_cache"])
-        compile_model(self.model, **cfg["compile"])
+        self.model = self.build_model(cfg["model"], sections.freeze_config, cfg.get("peft"))
+        self.vision_cache = build_vision_cache(self.model, sections.vision_cache)
+        compile_model(self.model, sections.compile)
         self.processor = self.build_processor(cfg)
         self.collate = self.build_collate(cfg["dataloader"]["collate_fn"])
         self.loss_fn = self.build("loss_fn")
-        self.train_module = self.build_parallel(cfg["distributed"])
-        steps = cfg["step_scheduler"]
-        self.local_batch_size = steps["local_batch_size"]
+        self.train_module = self.build_parallel(sections.distributed)
+        steps = sections.step_scheduler
+        self.local_batch_size = steps.local_batch_size
         self.grad_accum = self.build_grad_accum(steps, self.dist.world_size)
         self.train_dataset = self.build_dataset("dataset")
         self.train_loader = self.build_dataloader(cfg["dataloader"], self.train_dataset, train=True)
@@ -134,11 +141,11 @@ class FinetuneRecipeForVLM:
             self.cfg["optimizer"], self.model, extra_prefixes=self.extra_prefixes
         )
         self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, self.max_steps, **cfg["lr_scheduler"]
+            self.optimizer, self.max_steps, sections.lr_scheduler
         )
         self.vision_loss = self.build("vision_loss", self.model)  # weight 0: loss unchanged
-        self.autocast_dtype = apply_precision(self.model, cfg["precision"], self.device)
-        self.guard = NonFiniteGuard(steps["max_consecutive_nonfinite"])
+        self.autocast_dtype = apply_precision(self.model, sections.precision, self.device)
+        self.guard = NonFiniteGuard(steps.max_consecutive_nonfinite)
         self.step, self.epoch, self.dropped_samples = 0, 0, 0
         self.data_wait = DataWait(cfg["dataloader"].get("num_workers", 0))
         self.window = self.new_window()
@@ -146,8 +153,8 @@ class FinetuneRecipeForVLM:
         sinks = build_sinks(cfg, self.out_dir, start)
         self.logger = MetricsLogger(self.out_dir, self.max_steps, start, sinks)
         self.evaluator = build_periodic_evaluator(
-            cfg["eval"],
-            steps.get("eval_every_steps"),
+            sections.eval,
+            steps.eval_every_steps,
             self.processor,
             getattr(self, "val_dataset", None),
             self.out_dir,
@@ -162,7 +169,7 @@ class FinetuneRecipeForVLM:
 
     def build_dataset(self, section: str):
         """The section's dataset, scanned for bad samples before the first step (data_check)."""
-        return screen_dataset(self.build(section), section, self.out_dir, **self.cfg["data_check"])
+        return screen_dataset(self.build(section), section, self.out_dir, self.sections.data_check)
 
     def run_prepare(self, steps: list) -> None:
         """Runs the config's ``prepare`` targets (e.g. building a tiny model or a dataset), once
@@ -174,28 +181,23 @@ class FinetuneRecipeForVLM:
                 instantiate(node, where=f"prepare[{i}]", extra_prefixes=self.extra_prefixes)
         barrier()
 
-    def build_parallel(self, dist_cfg: dict) -> torch.nn.Module:
+    def build_parallel(self, dist_cfg: DistributedConfig) -> torch.nn.Module:
         """The module the loop calls, made data parallel over all processes (``distributed``)."""
         world_size = self.dist.world_size
-        strategy = dist_cfg["strategy"] if world_size > 1 else "none"
-        for key in ("tp_size", "cp_size"):
-            if dist_cfg.get(key) not in (None, 1):
-                raise UsageError(f"distributed.{key}={dist_cfg[key]}: only data parallelism (1)")
-        if dist_cfg.get("sequence_parallel"):
-            raise UsageError("distributed.sequence_parallel: not available; set it to false")
+        strategy = dist_cfg.strategy if world_size > 1 else "none"
         if world_size > 1 and self.cfg["vision_loss"].get("weight"):
             raise UsageError("vision_loss.weight > 0 runs in one process only; set it to 0")
-        if world_size > 1 and strategy == "fsdp2" and self.cfg["vision_cache"]["enabled"]:
+        if world_size > 1 and strategy == "fsdp2" and self.sections.vision_cache.enabled:
             raise UsageError(
                 "vision_cache with distributed.strategy=fsdp2 would skip the sharded tower's "
                 "collectives on some ranks: use strategy ddp or turn the cache off"
             )
         blank = to_model(self.collate([blank_image_sample()]), self.model)
         blank_labels = blank.pop("labels")
-        packing = self.cfg["packing"]
+        packing = self.sections.packing
         packer = None
-        if packing["enabled"]:
-            packer = Packer(self.model, packing.get("pack_length"))
+        if packing.enabled:
+            packer = Packer(self.model, packing.pack_length)
         module = TrainForward(
             self.model, self.loss_fn, vision_inputs(blank) if world_size > 1 else None, packer
         )
@@ -208,23 +210,23 @@ class FinetuneRecipeForVLM:
                 )
         mesh = None
         if strategy != "none":
-            mesh = build_mesh(self.device.type, world_size, dp_size_of(dist_cfg))
-        dtypes = {k: dtype_of(dist_cfg.get(k), f"distributed.{k}") for k in DTYPE_KEYS}
+            mesh = build_mesh(self.device.type, world_size, dist_cfg.num_dp_ranks)
+        dtypes = {k: dtype_of(getattr(dist_cfg, k), f"distributed.{k}") for k in DTYPE_KEYS}
         module = parallelize(
             module,
             mesh,
             strategy,
-            activation_checkpointing=dist_cfg["activation_checkpointing"],
-            cpu_offload=dist_cfg["cpu_offload"],
+            activation_checkpointing=dist_cfg.activation_checkpointing,
+            cpu_offload=dist_cfg.cpu_offload,
             **dtypes,
         )
         if world_size > 1:
             print0(f"data parallel: {strategy} over {world_size} processes")
         return module
 
-    def build_model(self, model_cfg: dict, freeze_cfg: dict, peft_cfg: dict | None):
+    def build_model(self, model_cfg: dict, freeze: FreezeConfig, peft_cfg: dict | None):
         model = instantiate(model_cfg, where="model", extra_prefixes=self.extra_prefixes)
-        apply_freeze(model, **freeze_cfg)
+        apply_freeze(model, freeze)
         if peft_cfg:
             model = apply_lora(model, self.build("peft"))
         trainable, total = count_parameters(model)
@@ -245,14 +247,9 @@ class FinetuneRecipeForVLM:
         kwargs = {k: v for k, v in collate_cfg.items() if k != "_target_"}
         return functools.partial(fn, processor=self.processor, **kwargs)
 
-    def build_checkpoints(self, ckpt_cfg: dict) -> CheckpointManager:
-        return CheckpointManager(
-            self.out_dir, ckpt_cfg.get("keep_last_n"), ckpt_cfg.get("enabled", True)
-        )
-
-    def build_grad_accum(self, steps: dict, dp_size: int) -> int:
+    def build_grad_accum(self, steps: StepSchedulerConfig, dp_size: int) -> int:
         """Micro-batches per optimizer step: global / (local x data-parallel ranks)."""
-        global_bs, local_bs = steps["global_batch_size"], steps["local_batch_size"]
+        global_bs, local_bs = steps.global_batch_size, steps.local_batch_size
         if global_bs % (local_bs * dp_size):
             raise UsageError(
                 f"step_scheduler.global_batch_size={global_bs} must be a multiple of "
@@ -293,11 +290,11 @@ class FinetuneRecipeForVLM:
             generator=generator,
         )
 
-    def build_max_steps(self, steps: dict, num_samples: int) -> int:
-        if steps.get("max_steps"):
-            return steps["max_steps"]
-        epochs = steps.get("num_epochs") or 1
-        per_epoch = math.ceil(num_samples / steps["global_batch_size"])
+    def build_max_steps(self, steps: StepSchedulerConfig, num_samples: int) -> int:
+        if steps.max_steps:
+            return steps.max_steps
+        epochs = steps.num_epochs or 1
+        per_epoch = math.ceil(num_samples / steps.global_batch_size)
         return max(1, epochs * per_epoch)
 
     # ----------------------------------------------------------------------------- training
@@ -398,10 +395,10 @@ class FinetuneRecipeForVLM:
         return model
 
     def train_steps(self, sigterm: StopOnSigterm) -> None:
-        steps = self.cfg["step_scheduler"]
-        log_every, val_every = steps["log_every_steps"], steps.get("val_every_steps")
-        ckpt_every = steps.get("ckpt_every_steps")
-        max_norm = self.cfg["clip_grad_norm"]["max_norm"] or float("inf")
+        steps = self.sections.step_scheduler
+        log_every, val_every = steps.log_every_steps, steps.val_every_steps
+        ckpt_every = steps.ckpt_every_steps
+        max_norm = self.sections.clip_grad_norm.max_norm or float("inf")
         params = [p for p in self.model.parameters() if p.requires_grad]
         train_batches = self.batches(self.train_loader)
         if self.val_loader is not None and self.step == 0:
@@ -546,7 +543,7 @@ class FinetuneRecipeForVLM:
     def validate(self) -> dict:
         """Token-weighted loss over the validation set (or its first ``val_batches``)."""
         self.model.eval()
-        limit = self.cfg["step_scheduler"].get("val_batches")
+        limit = self.sections.step_scheduler.val_batches
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         loader, end = iter(self.val_loader), object()
@@ -574,14 +571,14 @@ class FinetuneRecipeForVLM:
 
     def preview(self, model) -> None:
         """Prints the model's reply for the first validation samples next to the reference."""
-        cfg = self.cfg["preview"]
+        preview = self.sections.preview
         dataset = getattr(self, "val_dataset", None)
-        if not cfg["num_samples"] or dataset is None:
+        if not preview.num_samples or dataset is None:
             return
-        for i in range(min(cfg["num_samples"], len(dataset))):
+        for i in range(min(preview.num_samples, len(dataset))):
             conversation = dataset[i]["conversation"]
             prediction = generate_reply(
-                model, self.processor, prompt_messages(conversation), cfg["max_new_tokens"]
+                model, self.processor, prompt_messages(conversation), preview.max_new_tokens
             )
             print0(f"validation sample {i}")
             print0(f"  reference:  {reply_text(conversation[-1])}")
