@@ -146,7 +146,7 @@ SCHEMA = Schema(
         "Adam and AdamW run `fused: true` unless the section sets `fused` or `foreach`); "
         "`param_groups`: a list of `{match: REGEX, lr: ..., ...}` giving the parameters whose "
         "name matches (first entry wins) their own options, e.g. "
-        "`[{match: vision_tower, lr: 1e-4}]`; an entry that matches no trainable parameter "
+        "`[{match: projector, lr: 1e-4}]`; an entry that matches no trainable parameter "
         "stops the run",
         "loss_fn": "`automodel.loss.MaskedCrossEntropy` (default), "
         "`automodel.loss.ChunkedCrossEntropy` (`chunk_size`, default: 64 MB of fp32 logits per "
