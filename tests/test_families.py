@@ -29,7 +29,7 @@ from automodel.errors import UsageError
 from automodel.loss import MaskedCrossEntropy
 from automodel.models.forward import label_logits
 from automodel.training.checkpoint import save_hf_folder
-from automodel.twins import FAMILIES
+from automodel.twins import TWIN_FAMILIES as FAMILIES
 from tests.conftest import ROOT, labelled_spans, run_python
 
 # The token that ends an assistant reply in each family's format.

@@ -26,7 +26,7 @@ from automodel import artifacts
 from automodel.datasets.vlm.base import load_image
 from automodel.datasets.vlm.sources import load_folder_split
 from automodel.errors import UsageError
-from automodel.twins import save_twin
+from automodel.twins.common import save_twin
 
 _PAD = "\0"
 _TOKEN_FEATURES = 32
