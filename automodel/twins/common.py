@@ -140,7 +140,7 @@ def llama_text_config(sizes: Mapping[str, Any], tokenizer: PreTrainedTokenizerFa
     )
 
 
-# Sizes every small twin below starts from; a family adds or replaces what it needs.
+# Sizes every twin but Gemma 3 starts from; a family module adds or replaces what it needs.
 SMALL_TEXT: dict[str, Any] = {
     "vocab_size": 1024,
     "hidden_size": 128,
@@ -159,6 +159,7 @@ SMALL_VISION: dict[str, Any] = {
 
 
 def siglip_config(sizes: Mapping[str, Any]):
+    """A SigLIP tower config (the vision tower of PaliGemma and of LLaVA with SigLIP)."""
     from transformers import SiglipVisionConfig
 
     check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
