@@ -29,8 +29,8 @@ from automodel.errors import UsageError
 from automodel.loss import MaskedCrossEntropy
 from automodel.models.families import family_of
 from automodel.models.forward import label_logits
-from automodel.models.tiny import FAMILIES
 from automodel.training.checkpoint import save_hf_folder
+from automodel.twins import TWIN_FAMILIES as FAMILIES
 from tests.conftest import ROOT, labelled_spans, run_python
 
 CHAT_FAMILIES = [f for f in FAMILIES if f != "paligemma"]

@@ -21,7 +21,7 @@ from automodel.models.freeze import (
     projector_modules,
     vision_modules,
 )
-from automodel.models.tiny import FAMILIES
+from automodel.twins import TWIN_FAMILIES as FAMILIES
 
 ROLES = {
     "freeze_vision_tower": vision_modules,

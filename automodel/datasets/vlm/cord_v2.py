@@ -46,7 +46,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("image", "ground_truth")
 
 _LOCAL_HINT = (
     "a folder laid out like naver-clova-ix/cord-v2 (data/<split>-*.parquet with image and "
-    "ground_truth columns), e.g. one written by automodel.datasets.vlm.make_receipts"
+    "ground_truth columns), e.g. one written by automodel.demo.receipts.make_receipts"
 )
 
 
