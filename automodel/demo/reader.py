@@ -23,6 +23,7 @@ import datasets
 import torch
 
 from automodel import artifacts
+from automodel.config.sections import LrSchedulerConfig
 from automodel.datasets.vlm.base import load_image
 from automodel.datasets.vlm.sources import load_folder_split
 from automodel.errors import UsageError
@@ -248,7 +249,8 @@ def teach_tower_to_read(
         learners,
         where="teach_tower_to_read.optimizer",
     )
-    schedule = build_lr_scheduler(optimizer, steps, lr_warmup_steps=max(1, steps // 20))
+    warmup = LrSchedulerConfig(lr_warmup_steps=max(1, steps // 20))
+    schedule = build_lr_scheduler(optimizer, steps, warmup)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.randperm(len(truths), generator=generator)
