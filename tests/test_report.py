@@ -104,7 +104,7 @@ def test_report_holds_curves_scores_config_and_gallery(run_dir):
     page = write_report(run_dir)
     assert page == run_dir / "report.html"
     text = page.read_text()
-    charts = re.findall(r"<svg.*?</svg>", text, flags=re.S)
+    charts = re.findall(r"<svg.*?</svg>", text, flags=re.DOTALL)
     assert len(charts) == 3  # loss, field_f1, json_valid
     assert "train loss" in charts[0] and "validation loss" in charts[0]
     assert "field_f1" in charts[1] and "json_valid" in charts[2]
