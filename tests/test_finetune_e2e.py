@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -41,6 +42,7 @@ def three_step_run(tmp_path_factory, tiny_gemma3, receipts):
             "--preview.num_samples=1",
             "--preview.max_new_tokens=8",
             f"--checkpoint.checkpoint_dir={out / 'checkpoints'}",
+            "--print-config",
             cwd=out,
         )
     )
@@ -54,7 +56,9 @@ def test_three_steps_write_a_complete_run(three_step_run):
     for r in lines:
         assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] >= 0
     assert "step 3/3 | loss" in result.stdout
-    assert "resolved config:" in result.stdout and "reference:" in result.stdout
+    assert "reference:" in result.stdout
+    # --print-config: the full resolved config first, then the summary.
+    assert result.stdout.index("step_scheduler:\n") < result.stdout.index("\nmodel: ")
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     assert saved["step_scheduler"]["max_steps"] == 3 and "prepare" not in saved
     val = [json.loads(x) for x in (ckpt / "validation.jsonl").read_text().splitlines()]
@@ -189,6 +193,37 @@ def test_a_nemo_automodel_config_runs_with_paths_changed(tmp_path, tiny_gemma3, 
     )
     assert "step 2/2" in result.stdout
     assert (tmp_path / "vlm_checkpoints" / "final_model" / "config.json").is_file()
+
+
+def test_a_run_opens_with_a_summary_not_the_config(tmp_path, tiny_gemma3, receipts):
+    out = tmp_path / "ckpt"
+    args = [
+        "finetune", "vlm", "-c", QUICKSTART, "~prepare",
+        f"--model.pretrained_model_name_or_path={tiny_gemma3}",
+        f"--dataset.path_or_dataset={receipts}", "--dataset.limit=4",
+        f"--validation_dataset.path_or_dataset={receipts}", "--validation_dataset.limit=2",
+        "--step_scheduler.max_steps=1", "--step_scheduler.global_batch_size=4",
+        "--step_scheduler.local_batch_size=2", "--step_scheduler.eval_every_steps=null",
+        "--dataloader.num_workers=0", "--preview.num_samples=0",
+        f"--checkpoint.checkpoint_dir={out}",
+    ]  # fmt: skip
+    result = _ok(run_cli(*args, cwd=tmp_path))
+    lines = result.stdout.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("model: "))
+    assert lines[start : start + 7] == [
+        f"model: {tiny_gemma3} (gemma3)",
+        f"data: 4 training samples from {receipts}; 2 validation samples",
+        "steps: 1",
+        "batch: 4 global = 2 local x 2 accumulation",
+        lines[start + 4],
+        "precision: float32 weights, autocast off",
+        f"results: {out} (full config in {out / 'config.yaml'})",
+    ]
+    assert re.fullmatch(
+        r"parameters: [\d,]+ trainable / [\d,]+ total \([\d.]+%\)", lines[start + 4]
+    )
+    assert "step_scheduler:" not in result.stdout  # the config is not printed ...
+    assert "step_scheduler:" in (out / "config.yaml").read_text()  # ... but saved
 
 
 def test_make_commands(tmp_path):

@@ -1,7 +1,7 @@
 """``automodel report RUN_DIR``: one self-contained ``report.html`` for a training run.
 
 It holds the loss curves (``training.jsonl``, ``validation.jsonl``) and the metric curves
-(``eval.jsonl``) as inline SVG, the latest scores, the resolved ``config.yaml``, and a gallery of
+(``eval.jsonl``) as inline SVG drawn by matplotlib, the latest scores, the resolved ``config.yaml``, and a gallery of
 validation samples (image, prompt, reference, prediction) from the newest evaluation folder in the
 run (``eval_validation/`` written by ``automodel evaluate``, else ``eval/`` written during
 training). Images are embedded as base64 PNG, so the file can be mailed or archived alone.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 from datetime import datetime, timezone
@@ -48,108 +49,45 @@ window.addEventListener("load", function () {
 """
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values spanning [low, high]: steps of 1, 2 or 5 times a power of ten."""
-    if not high > low:
-        low, high = low - 0.5, high + 0.5
-    raw = (high - low) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    ticks, value = [], first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(ticks[-1] + step)
-    return ticks
-
-
-def svg_line_chart(
-    series: dict[str, list[tuple[float, float]]],
-    title: str,
-    width: int = 520,
-    height: int = 280,
-) -> str:
-    """An inline SVG line chart, one polyline per series (x: step).
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str) -> str:
+    """An inline SVG line chart drawn by matplotlib, one line per series (x: step).
 
     Args:
-        series: name -> ``[(step, value), ...]``; empty series are left out.
+        series: name -> ``[(step, value), ...]``; non-finite values and empty series are left out.
         title: the chart's caption.
-        width, height: size in CSS pixels.
 
     Returns:
-        The ``<svg>`` element as a string.
+        The ``<svg>`` element as a string (text kept as text, so the page can be searched).
     """
+    import matplotlib  # imported here: matplotlib is slow to import
+    from matplotlib.figure import Figure
+
     series = {
         name: [(x, y) for x, y in points if y is not None and math.isfinite(y)]
         for name, points in series.items()
     }
     series = {name: points for name, points in series.items() if points}
-    left, right, top, bottom = 56, 12, 28, 36
-    esc = html.escape
-    svg_open = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">'
-    )
-    caption = (
-        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13" '
-        f'font-weight="600">{esc(title)}</text>'
-    )
-    parts = [svg_open, caption]
+    figure = Figure(figsize=(5.2, 2.8), dpi=100)
+    axes = figure.subplots()
+    axes.set_title(title, fontsize=11, fontweight="bold")
     if not series:
-        parts.append(
-            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#777">no data</text>'
-        )
-        return "".join(parts) + "</svg>"
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points]
-    x_ticks, y_ticks = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys))
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def px(x: float) -> float:
-        return left + (x - x0) / ((x1 - x0) or 1) * plot_w
-
-    def py(y: float) -> float:
-        return top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h
-
-    for y in y_ticks:
-        parts.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" '
-            'stroke="#e5e5e5"/>'
-            f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end" font-size="11">'
-            f"{y:g}</text>"
-        )
-    for x in x_ticks:
-        parts.append(
-            f'<text x="{px(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
-            f'font-size="11">{x:g}</text>'
-        )
-    parts.append(
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
-        'stroke="#999"/>'
-        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle" '
-        'font-size="11">step</text>'
-    )
+        axes.text(0.5, 0.5, "no data", ha="center", va="center", color="#777777")
+        axes.set_axis_off()
     for i, (name, points) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
-        parts.append(
-            f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"/>'
-        )
-        if len(points) <= 40:
-            parts += [
-                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>'
-                for x, y in points
-            ]
-        legend_y = top + 14 + 14 * i
-        parts.append(
-            f'<rect x="{left + plot_w - 120}" y="{legend_y - 9}" width="10" height="10" '
-            f'fill="{color}"/><text x="{left + plot_w - 106}" y="{legend_y}" font-size="11">'
-            f"{esc(name)}</text>"
-        )
-    return "".join(parts) + "</svg>"
+        xs, ys = zip(*points)
+        marker = "o" if len(points) <= 40 else None
+        axes.plot(xs, ys, color=COLORS[i % len(COLORS)], label=name, marker=marker, markersize=3)
+    if series:
+        axes.set_xlabel("step", fontsize=9)
+        axes.tick_params(labelsize=8)
+        axes.grid(True, color="#e5e5e5")
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": title}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg") :]
 
 
 def _points(records: list[dict], key: str) -> list[tuple[float, float]]:
@@ -235,13 +173,13 @@ def write_report(
     esc = html.escape
 
     charts = [
-        svg_line_chart(
+        line_chart(
             {"train loss": _points(train, "loss"), "validation loss": _points(val, "val_loss")},
             "loss",
         )
     ]
     score_keys = [k for k in (evals[-1] if evals else {}) if k != "step"]
-    charts += [svg_line_chart({key: _points(evals, key)}, key) for key in score_keys]
+    charts += [line_chart({key: _points(evals, key)}, key) for key in score_keys]
 
     summary = []
     if train:

@@ -1,39 +1,14 @@
-"""``loss.png``: training and validation loss against step, drawn with Pillow.
-
-Pillow is already a dependency (images, receipts); matplotlib would add ~40 MB and a font cache
-for one picture.
-"""
+"""``loss.png``: training and validation loss against step, drawn with matplotlib (Agg)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from automodel.training.metrics import TRAINING_LOG, VALIDATION_LOG, read_jsonl
 
-WIDTH, HEIGHT = 900, 520
-LEFT, RIGHT, TOP, BOTTOM = 80, 30, 50, 60
-TRAIN_COLOR = (31, 119, 180)
-VAL_COLOR = (255, 127, 14)
-GRID = (225, 225, 225)
-INK = (40, 40, 40)
-
-
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high] (1, 2, 5 times a power of ten apart)."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    return [first + i * step for i in range(count + 3) if first + i * step <= high + step * 0.999]
-
-
-def _label(value: float) -> str:
-    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+TRAIN_COLOR = "#1f77b4"
+VAL_COLOR = "#ff7f0e"
 
 
 def plot_losses(out_dir: str | Path, filename: str = "loss.png") -> Path | None:
@@ -47,53 +22,24 @@ def plot_losses(out_dir: str | Path, filename: str = "loss.png") -> Path | None:
     val = [(r["step"], r["val_loss"]) for r in read_jsonl(out_dir / VALIDATION_LOG)]
     train = [(s, v) for s, v in train if math.isfinite(v)]
     val = [(s, v) for s, v in val if math.isfinite(v)]
-    points = train + val
-    if not points:
+    if not train and not val:
         return None
-    x_ticks = _ticks(0, max(s for s, _ in points))
-    y_ticks = _ticks(min(v for _, v in points), max(v for _, v in points))
-    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    from matplotlib.figure import Figure  # imported here: matplotlib is slow to import
 
-    def xy(step: float, value: float) -> tuple[float, float]:
-        x = LEFT + (step - x_lo) / (x_hi - x_lo) * (WIDTH - LEFT - RIGHT)
-        y = HEIGHT - BOTTOM - (value - y_lo) / (y_hi - y_lo) * (HEIGHT - TOP - BOTTOM)
-        return x, y
-
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    for t in y_ticks:
-        _, y = xy(x_lo, t)
-        draw.line([(LEFT, y), (WIDTH - RIGHT, y)], fill=GRID)
-        draw.text((LEFT - 8, y), _label(t), fill=INK, font=font, anchor="rm")
-    for t in x_ticks:
-        x, _ = xy(t, y_lo)
-        draw.line([(x, TOP), (x, HEIGHT - BOTTOM)], fill=GRID)
-        draw.text((x, HEIGHT - BOTTOM + 8), _label(t), fill=INK, font=font, anchor="mt")
-    draw.rectangle([(LEFT, TOP), (WIDTH - RIGHT, HEIGHT - BOTTOM)], outline=INK)
-    draw.text((WIDTH / 2, HEIGHT - 18), "step", fill=INK, font=font, anchor="mm")
-    draw.text((LEFT, TOP - 28), "loss", fill=INK, font=font, anchor="lm")
-
-    if len(train) > 1:
-        draw.line([xy(s, v) for s, v in train], fill=TRAIN_COLOR, width=2)
-    for s, v in train if len(train) == 1 else []:
-        x, y = xy(s, v)
-        draw.ellipse([(x - 3, y - 3), (x + 3, y + 3)], fill=TRAIN_COLOR)
-    if len(val) > 1:
-        draw.line([xy(s, v) for s, v in val], fill=VAL_COLOR, width=2)
-    for s, v in val:
-        x, y = xy(s, v)
-        draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=VAL_COLOR)
-
-    legend = [("training", TRAIN_COLOR, train), ("validation", VAL_COLOR, val)]
-    x = WIDTH - RIGHT - 220
-    for name, color, series in legend:
-        if series:
-            draw.line([(x, TOP - 28), (x + 24, TOP - 28)], fill=color, width=3)
-            draw.text((x + 30, TOP - 28), name, fill=INK, font=font, anchor="lm")
-            x += 110
+    figure = Figure(figsize=(9, 5.2), dpi=100)  # no pyplot: no global state, Agg canvas
+    axes = figure.subplots()
+    for name, color, points in (("training", TRAIN_COLOR, train), ("validation", VAL_COLOR, val)):
+        if points:
+            steps, values = zip(*points)
+            marker = "o" if name == "validation" or len(points) == 1 else None
+            axes.plot(steps, values, color=color, label=name, linewidth=2, marker=marker)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(True, color="#e1e1e1")
+    axes.legend()
+    figure.tight_layout()
     path = out_dir / filename
     tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
+    figure.savefig(tmp, format="png")
     tmp.replace(path)
     return path

@@ -20,7 +20,6 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from automodel.config.instantiate import instantiate, resolve_target
-from automodel.config.loader import dump_yaml
 from automodel.config.sections import DistributedConfig, FreezeConfig, StepSchedulerConfig
 from automodel.datasets.checks import screen_dataset
 from automodel.datasets.samplers import make_sampler
@@ -83,6 +82,7 @@ from automodel.training.plot import plot_losses
 from automodel.training.schedule import build_lr_scheduler
 from automodel.training.signals import RunStopped, StopOnSigterm, stop_reason
 from automodel.training.state import collect_state, load_train_state, restore_state
+from automodel.training.summary import run_summary
 
 # The parts of the training state that differ between data-parallel ranks.
 RANK_STATE = ("dataloader", "rng", "dropped_samples")
@@ -103,7 +103,6 @@ class FinetuneRecipeForVLM:
     def setup(self) -> None:
         cfg, sections = self.cfg, self.sections
         return_freed_memory()
-        print0("resolved config:\n" + dump_yaml(cfg))
         for notice in self.notices:
             print0(notice)
         self.extra_prefixes = tuple(cfg.get("allowed_target_prefixes") or ())
@@ -160,6 +159,22 @@ class FinetuneRecipeForVLM:
             self.out_dir,
             self.logger,
             start,
+        )
+        print0(
+            run_summary(
+                cfg=cfg,
+                model_type=getattr(self.model.config, "model_type", None),
+                train_samples=len(self.train_dataset),
+                val_samples=len(self.val_dataset) if self.val_loader is not None else None,
+                max_steps=self.max_steps,
+                local_batch_size=self.local_batch_size,
+                grad_accum=self.grad_accum,
+                world_size=self.dist.world_size,
+                parameters=self.parameter_counts,
+                autocast_dtype=self.autocast_dtype,
+                weight_dtype=next(self.model.parameters()).dtype,
+                out_dir=self.out_dir,
+            )
         )
 
     def build(self, section: str, *args: Any, **kwargs: Any) -> Any:
@@ -229,11 +244,7 @@ class FinetuneRecipeForVLM:
         apply_freeze(model, freeze)
         if peft_cfg:
             model = apply_lora(model, self.build("peft"))
-        trainable, total = count_parameters(model)
-        print0(
-            f"parameters: {trainable:,} trainable / {total:,} total "
-            f"({100 * trainable / max(1, total):.1f}%)"
-        )
+        self.parameter_counts = count_parameters(model)
         return model.to(self.device)
 
     def build_processor(self, cfg: dict):

@@ -1,0 +1,75 @@
+"""The ``automodel`` command: one module per command group, argparse subcommands.
+
+    automodel finetune vlm -c CFG.yaml [--a.b=v | --a.b v | ~a.b ...]
+    automodel CFG.yaml [overrides ...]                 (short form of the above)
+    automodel validate | data check | evaluate -c CFG.yaml [options] [overrides ...]
+    automodel models make-tiny | data make-receipts | generate | report | export merge-lora ...
+
+Bad input (a missing file, an unknown key or option, a wrong type) prints one line and exits
+with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from automodel.cli import data, evaluate, export, finetune, generate, models
+from automodel.cli.common import Parents, Parser, leaf_parser, reject_unknown
+from automodel.errors import UsageError
+from automodel.training.signals import RunStopped
+
+USAGE_ERROR = 2
+GROUPS = (finetune, models, data, generate, evaluate, export)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="automodel",
+        description="Fine-tune Hugging Face vision-language models from one YAML file.",
+        epilog="Run 'automodel COMMAND --help' for a command's options.\n\nexample:\n"
+        "  automodel finetune vlm -c examples/vlm/quickstart.yaml --step_scheduler.max_steps 20",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Set after the subparsers, whose usage lines start with the parser's prog.
+    parser.usage = "automodel COMMAND [args ...]\n       automodel CONFIG.yaml [overrides ...]"
+    parents = Parents()
+    for group in GROUPS:
+        group.add_parsers(sub, parents)
+    return parser
+
+
+def _print_once(message: str) -> None:
+    """To stderr, from rank 0 only: every process of a distributed run reaches the same end."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].endswith((".yaml", ".yml")):
+        args = ["finetune", "vlm", "-c", *args]
+    parser = build_parser()
+    try:
+        if not args:
+            parser.print_help()
+            return 0
+        # Before parsing: a mistyped option is named as such, not as a missing required one.
+        leaf = leaf_parser(parser, args)
+        if leaf.get_default("run") is not None:
+            options = [a for a in args if a.startswith("-")]
+            reject_unknown(leaf, options, leaf.get_default("takes_overrides"))
+        ns, extras = parser.parse_known_args(args)
+        reject_unknown(ns.parser, extras, ns.takes_overrides)
+        return ns.run(ns, extras)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        _print_once(f"error: {e}")
+        return USAGE_ERROR
+    except RunStopped as e:  # SIGTERM (exit 143), repeated non-finite steps, a failed save (1)
+        _print_once(f"stopped: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,23 @@
+"""The package's top level: light to import, the model class one attribute away."""
+
+from __future__ import annotations
+
+from tests.conftest import run_python
+
+
+def test_top_level_model_class_is_loaded_on_first_use():
+    code = (
+        "import sys, automodel\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from automodel import AutoModelForImageTextToText\n"
+        "from automodel.models import AutoModelForImageTextToText as Models\n"
+        "assert AutoModelForImageTextToText is Models\n"
+        "assert automodel.AutoModelForImageTextToText is Models\n"
+        "try:\n"
+        "    automodel.NoSuchThing\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
