@@ -215,8 +215,8 @@ def cmd_data_check(args: list[str]) -> int:
     if not options["--max-samples"].isdigit():
         raise UsageError(f"--max-samples {options['--max-samples']}: give a whole number")
     config, rest, _ = _split_config_args(rest, None)
-    from automodel.datasets.data_check import check_config
     from automodel.recipes.vlm.config import resolve_config
+    from automodel.recipes.vlm.data_check import check_config
 
     resolved, _ = resolve_config(_load(config, rest))
     _quiet_libraries()
@@ -353,8 +353,9 @@ def cmd_evaluate(args: list[str]) -> int:
     max_samples = _positive(options, "--max-samples")
     batch_size = _positive(options, "--batch-size")
     config, rest, _ = _split_config_args(rest, None)
-    from automodel.eval.runner import markdown_table, run_evaluation
+    from automodel.eval.evaluate import markdown_table
     from automodel.recipes.vlm.config import resolve_config
+    from automodel.recipes.vlm.evaluate import run_evaluation
 
     resolved, _ = resolve_config(_load(config, rest))
     _quiet_libraries()

@@ -13,9 +13,9 @@ import yaml
 from PIL import Image
 
 from automodel.datasets.checks import ScreenedDataset, screen_dataset
-from automodel.datasets.data_check import check_config
 from automodel.datasets.vlm import make_conversation_dataset, make_image_text_dataset
 from automodel.errors import UsageError
+from automodel.recipes.vlm.data_check import check_config
 from tests.conftest import ROOT, run_cli
 
 # line -> expected reason (None: a good sample). Line 9 is blank and is not a record.

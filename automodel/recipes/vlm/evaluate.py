@@ -1,0 +1,75 @@
+"""``automodel evaluate``: a saved model on a config's validation data, scored by task metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from automodel.errors import UsageError
+from automodel.eval.evaluate import EvalResult, default_out_dir, evaluate, write_outputs
+from automodel.eval.metrics import expand_metric_names
+from automodel.models.auto import AutoModelForImageTextToText, load_processor
+from automodel.recipes.vlm.builders import build_dataset
+
+
+def evaluation_dataset(cfg: dict, split: str | None) -> tuple[Any, str]:
+    """The config's ``validation_dataset`` (or ``dataset``), with ``split`` replaced if given,
+    and the split's name.
+
+    Raises:
+        UsageError: the config has no dataset section to evaluate on.
+    """
+    section = "validation_dataset" if cfg.get("validation_dataset") else "dataset"
+    if not cfg.get(section):
+        raise UsageError("the config has neither validation_dataset nor dataset to evaluate on")
+    return build_dataset(cfg, section, split=split), split or cfg[section].get(
+        "split", "validation"
+    )
+
+
+def run_evaluation(
+    cfg: dict,
+    model_dir: str,
+    split: str | None = None,
+    max_samples: int | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int | None = None,
+) -> tuple[EvalResult, Path]:
+    """Loads ``model_dir``, evaluates it on the config's data, and writes the outputs.
+
+    Args:
+        cfg: a resolved fine-tuning config (its dataset sections and ``eval`` section are read).
+        model_dir: a Hugging Face model folder (or hub id).
+        split: replaces the dataset's ``split`` (e.g. ``test``); ``None`` keeps the config's.
+        max_samples: evaluate only the first samples; ``None`` evaluates the whole split.
+        out_dir: where ``metrics.json``, ``predictions.jsonl`` and ``images/`` go; by default
+            ``eval_<split>/`` beside the model folder (``default_out_dir``).
+        batch_size: overrides ``eval.batch_size``.
+
+    Returns:
+        The result and the folder it was written to.
+    """
+    eval_cfg = cfg.get("eval") or {}
+    # Checked before anything loads, so a misspelt metric costs no model load.
+    metrics = eval_cfg.get("metrics")
+    metrics = None if metrics is None else expand_metric_names(metrics)
+    dataset, split_name = evaluation_dataset(cfg, split)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).to(device)
+    processor = load_processor(str(model_dir))
+    result = evaluate(
+        model,
+        processor,
+        dataset,
+        metrics,
+        max_samples=max_samples,
+        batch_size=batch_size or eval_cfg.get("batch_size", 8),
+        max_new_tokens=eval_cfg.get("max_new_tokens", 256),
+        keep_images=eval_cfg.get("gallery_size", 8),
+        progress=True,
+    )
+    out = Path(out_dir) if out_dir is not None else default_out_dir(str(model_dir), split_name)
+    write_outputs(result, out, model=str(model_dir), split=split_name)
+    return result, out
