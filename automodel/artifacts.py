@@ -2,9 +2,9 @@
 
 A builder records its arguments in ``.automodel_build.json`` after it finishes; with
 ``reuse=True`` a later call with the same arguments returns the folder untouched. Builders add
-``code_version(__name__)`` to their arguments, so a folder built by older code (other default
-sizes, colours or fonts) is rebuilt rather than reused. The record is
-written last, so an interrupted build is never mistaken for a complete one.
+``code_version(__name__)`` (a hash of their module's or package's source) to their arguments, so
+a folder built by older code (other default sizes, colours or fonts) is rebuilt rather than
+reused. The record is written last, so an interrupted build is never mistaken for a complete one.
 """
 
 from __future__ import annotations
@@ -43,6 +43,18 @@ def mark_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> None:
 
 
 def code_version(module_name: str) -> str:
-    """A short hash of a module's source file: part of a builder's recorded arguments."""
-    source = Path(sys.modules[module_name].__file__).read_bytes()
-    return hashlib.sha256(source).hexdigest()[:16]
+    """A short hash of a module's source: part of a builder's recorded arguments.
+
+    For a package (e.g. ``automodel.twins``), every ``.py`` file under it is hashed, so a change
+    to any of its modules rebuilds what the package built.
+    """
+    module = sys.modules[module_name]
+    digest = hashlib.sha256()
+    if hasattr(module, "__path__"):
+        root = Path(module.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
+    else:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]

@@ -164,13 +164,12 @@ def cmd_models(args: list[str]) -> int:
     )
     tiny.add_argument(
         "family",
-        help="model family: gemma3, paligemma, qwen2_vl, qwen2_5_vl, smolvlm, idefics3, llava "
-        "(CLIP tower) or llava_siglip",
+        help="the family whose twin to build (docs/families.md lists the twins)",
     )
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
-    from automodel.models.tiny import make_tiny
+    from automodel.twins import make_tiny
 
     out = make_tiny(ns.family, ns.out_dir, seed=ns.seed)
     print(out)
@@ -241,7 +240,7 @@ def cmd_data(args: list[str]) -> int:
     receipts.add_argument("--n", type=int, default=1000, help="training receipts (default 1000)")
     receipts.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
-    from automodel.datasets.vlm.receipts import make_receipts
+    from automodel.demo.receipts import make_receipts
 
     print(make_receipts(ns.out_dir, n=ns.n, seed=ns.seed))
     return 0

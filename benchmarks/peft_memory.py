@@ -78,8 +78,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/peft_memory"))
     ns = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from automodel.datasets.vlm import make_receipts
-    from automodel.models.tiny import make_tiny
+    from automodel.demo.receipts import make_receipts
+    from automodel.twins import make_tiny
 
     model = make_tiny("gemma3", ns.out / "twin", seed=0, reuse=True, **TWIN)
     data = make_receipts(ns.out / "receipts", n=64, val_n=8, test_n=8, reuse=True)

@@ -176,7 +176,7 @@ def with_image_tokens(sizes: dict, tokens: int) -> dict:
 
 
 def make_model(out_dir: Path, vocab_size: int, sizes: dict) -> Path:
-    from automodel.models.tiny import make_tiny
+    from automodel.twins import make_tiny
 
     make_tiny("gemma3", out_dir, seed=0, reuse=True, vocab_size=vocab_size, **sizes)
     return out_dir

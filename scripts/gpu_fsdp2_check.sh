@@ -30,7 +30,7 @@ echo "== Gemma-3-4B-shaped random model, LoRA"
 import sys
 import time
 
-from automodel.models.tiny import make_tiny
+from automodel.twins import make_tiny
 
 start = time.perf_counter()
 make_tiny(

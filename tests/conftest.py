@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> Path:
-    from automodel.models.tiny import make_tiny
+    from automodel.twins import make_tiny
 
     return make_tiny("gemma3", tmp_path_factory.mktemp("models") / "tiny-gemma3", seed=0)
 
@@ -24,7 +24,7 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """``tiny_family(name)``: the folder of that family's tiny twin, built once per session."""
-    from automodel.models.tiny import make_tiny
+    from automodel.twins import make_tiny
 
     root = tmp_path_factory.mktemp("families")
     built: dict[str, Path] = {}
@@ -39,7 +39,7 @@ def tiny_family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def receipts(tmp_path_factory) -> Path:
-    from automodel.datasets.vlm import make_receipts
+    from automodel.demo.receipts import make_receipts
 
     return make_receipts(tmp_path_factory.mktemp("data") / "receipts", n=16, val_n=8, test_n=8)
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
 from automodel.config.compat import translate_seed_layout
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import apply_overrides, interpolate_env, load_yaml, parse_overrides
+from automodel.config.sections import DataCheckConfig, PrecisionConfig
 from automodel.errors import UsageError
-from automodel.recipes.vlm.config import resolve_config
-from tests.conftest import ROOT
+from automodel.recipes.vlm.config import SCHEMA, FinetuneConfig, resolve_config
+from automodel.recipes.vlm.reference import COMMAND, reference
+from tests.conftest import ROOT, run_cli
 
 SEED_YAML = ROOT / "examples/vlm/gemma_3_vl_2b_cord_v2.yaml"
 NEMO_YAML = ROOT / "examples/vlm/gemma3_vl_4b_cord_v2.yaml"
@@ -109,3 +114,177 @@ def test_validation_dataloader_without_target_gets_the_default_loader():
     resolved, _ = resolve_config(cfg)
     assert resolved["validation_dataloader"]["_target_"] == resolved["dataloader"]["_target_"]
     assert resolved["validation_dataloader"]["num_workers"] == 0
+
+
+# One bad value per plain section (and the enumerated kwargs of _target_ sections): each is
+# refused by resolve_config, before anything loads, naming the key, the value and the choices.
+BAD_VALUES = [
+    (
+        "step_scheduler.global_batch_size",
+        0,
+        "step_scheduler.global_batch_size: 0 must be at least 1",
+    ),
+    (
+        "step_scheduler.val_batches",
+        "all",
+        "step_scheduler.val_batches='all' should be an integer or null",
+    ),
+    (
+        "lr_scheduler.lr_decay_style",
+        "cosin",
+        "lr_scheduler.lr_decay_style: 'cosin' is not one of cosine, linear, constant",
+    ),
+    ("lr_scheduler.lr_warmup_steps", -1, "lr_scheduler.lr_warmup_steps: -1 must be at least 0"),
+    (
+        "freeze_config.freeze_projector",
+        "yes",
+        "freeze_config.freeze_projector='yes' should be true or false",
+    ),
+    ("clip_grad_norm.max_norm", -1.0, "clip_grad_norm.max_norm: -1.0 must be at least 0"),
+    (
+        "precision.autocast",
+        "bf61",
+        "precision.autocast: 'bf61' is not one of auto, bf16, fp16, none",
+    ),
+    ("checkpoint.keep_last_n", 0, "checkpoint.keep_last_n: 0 must be at least 1"),
+    ("distributed.tp_size", 2, "distributed.tp_size: 2 must be 1"),
+    ("distributed.cp_size", 4, "distributed.cp_size: 4 must be 1"),
+    ("distributed.strategy", "fsdp", "distributed.strategy: 'fsdp' is not one of none, ddp, fsdp2"),
+    ("distributed.sequence_parallel", True, "distributed.sequence_parallel: true is not false"),
+    (
+        "distributed.dp_size",
+        "all",
+        "distributed.dp_size: 'all' is not a positive integer, null or none",
+    ),
+    (
+        "distributed.param_dtype",
+        "bf32",
+        (
+            "distributed.param_dtype: 'bf32' is not one of bfloat16, float16, float32, bf16, fp16, "
+            "fp32, torch.bfloat16, torch.float16, torch.float32 or null"
+        ),
+    ),
+    ("dist_env.timeout_minutes", 0, "dist_env.timeout_minutes: 0 must be at least 1"),
+    ("vision_cache.max_images", -1, "vision_cache.max_images: -1 must be at least 0"),
+    (
+        "compile.mode",
+        "fast",
+        (
+            "compile.mode: 'fast' is not one of default, reduce-overhead, max-autotune, "
+            "max-autotune-no-cudagraphs or null"
+        ),
+    ),
+    ("packing.pack_length", 0, "packing.pack_length: 0 must be at least 1"),
+    (
+        "data_check.on_bad_sample",
+        "ignore",
+        "data_check.on_bad_sample: 'ignore' is not one of error, skip",
+    ),
+    (
+        "data_check.max_bad_fraction",
+        1.5,
+        "data_check.max_bad_fraction: 1.5 must be between 0 and 1",
+    ),
+    ("eval.batch_size", 0, "eval.batch_size: 0 must be at least 1"),
+    ("eval.metrics", ["f1"], "eval.metrics: unknown metric 'f1'"),
+    ("preview.num_samples", -1, "preview.num_samples: -1 must be at least 0"),
+    ("wandb.project", 3, "wandb.project=3 should be a string or null"),
+    ("mlflow.tags", ["a"], "mlflow.tags=['a'] should be a section of keys or null"),
+    (
+        "dataloader.collate_fn.on_overlength",
+        "truncate",
+        "dataloader.collate_fn.on_overlength: 'truncate' is not one of drop, error",
+    ),
+    ("dataset.target_format", "xml", "dataset.target_format: 'xml' is not one of json, donut"),
+    ("precision.autocats", "bf16", "unknown key precision.autocats (did you mean: autocast?)"),
+]
+
+
+def _set(cfg: dict, dotted: str, value) -> dict:
+    *path, key = dotted.split(".")
+    node = cfg
+    for part in path:
+        node = node.setdefault(part, {})
+    node[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[k for k, _, _ in BAD_VALUES])
+def test_a_bad_value_names_the_key_the_value_and_the_choices(key, value, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        resolve_config(_set(load_yaml(NEMO_YAML), key, value))
+
+
+def test_every_plain_section_has_a_bad_value_test():
+    tested = {key.split(".")[0] for key, _, _ in BAD_VALUES}
+    assert set(SCHEMA.plain) <= tested
+
+
+def test_sections_check_their_values_when_built_directly():
+    with pytest.raises(UsageError, match="precision.autocast: 'bf61' is not one of"):
+        PrecisionConfig(autocast="bf61")
+    with pytest.raises(UsageError, match=r"unknown key data_check.on_bad \(did you mean"):
+        DataCheckConfig.from_dict({"on_bad": "skip"})
+    assert DataCheckConfig.from_dict({"on_bad_sample": "skip"}).max_bad_fraction == 0.1
+
+
+def test_defaults_come_from_the_dataclasses_and_are_saved_in_the_resolved_config():
+    resolved, _ = resolve_config(load_yaml(NEMO_YAML))
+    for name, section in SCHEMA.plain.items():
+        if section.optional:
+            assert name not in resolved  # a wandb / mlflow section turns its logger on
+            continue
+        assert set(resolved[name]) == {f.name for f in dataclasses.fields(section)}, name
+    assert resolved["precision"] == PrecisionConfig().to_dict()
+    typed = FinetuneConfig.from_config(resolved)
+    assert typed.distributed.tp_size == 1 and typed.distributed.num_dp_ranks is None
+    assert typed.wandb is None
+    assert resolve_config(resolved)[0] == resolved, "resolving twice changes nothing"
+
+
+def test_every_field_has_a_description():
+    for section in SCHEMA.plain.values():
+        assert section.__doc__, section
+        for f in dataclasses.fields(section):
+            assert f.metadata["doc"], f"{section.section}.{f.name}"
+
+
+def test_config_reference_matches_the_dataclasses():
+    committed = (ROOT / "docs/config.md").read_text()
+    assert committed == reference(), f"docs/config.md is stale: run {COMMAND}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(ROOT.glob("examples/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_shipped_example_validates(path):
+    resolved, _ = resolve_config(load_yaml(path))
+    FinetuneConfig.from_config(resolved)
+
+
+@pytest.mark.parametrize(
+    "command, override, message",
+    [
+        (
+            ["validate"],
+            ["--precision.autocast", "bf61"],
+            "precision.autocast: 'bf61' is not one of auto, bf16, fp16, none",
+        ),
+        (
+            ["finetune", "vlm"],
+            ["--dataloader.collate_fn.on_overlength", "truncate"],
+            "dataloader.collate_fn.on_overlength: 'truncate' is not one of drop, error",
+        ),
+    ],
+)
+def test_the_cli_refuses_a_bad_value_with_exit_code_2(tmp_path, command, override, message):
+    result = run_cli(*command, "-c", NEMO_YAML, *override, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints").exists(), "nothing may start before the config is valid"
+
+
+def test_the_tracked_score_must_be_one_the_named_metrics_produce():
+    cfg = _set(load_yaml(NEMO_YAML), "eval", {"metrics": ["vqa"], "best_metric": "bleu4"})
+    with pytest.raises(UsageError, match="eval.best_metric: 'bleu4' is not one of exact_match"):
+        resolve_config(cfg)

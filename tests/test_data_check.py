@@ -12,11 +12,14 @@ import torch.utils.data
 import yaml
 from PIL import Image
 
+from automodel.config.sections import DataCheckConfig
 from automodel.datasets.checks import ScreenedDataset, screen_dataset
 from automodel.datasets.vlm import make_conversation_dataset, make_image_text_dataset
 from automodel.errors import UsageError
 from automodel.recipes.vlm.data_check import check_config
 from tests.conftest import ROOT, run_cli
+
+SKIP = DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.6)
 
 # line -> expected reason (None: a good sample). Line 9 is blank and is not a record.
 EXPECTED = {
@@ -79,7 +82,7 @@ def test_error_policy_stops_with_file_line_and_reason(bad_folder, tmp_path, caps
     ds = make_image_text_dataset(bad_folder / "train.jsonl")
     out = tmp_path / "run"
     with pytest.raises(UsageError) as err:
-        screen_dataset(ds, "dataset", out, on_bad_sample="error")
+        screen_dataset(ds, "dataset", out, DataCheckConfig(on_bad_sample="error"))
     message = str(err.value)
     assert "\n" not in message
     assert f"{len(BAD_LINES)} of {len(EXPECTED)} samples are unusable" in message
@@ -98,22 +101,24 @@ def test_error_policy_stops_with_file_line_and_reason(bad_folder, tmp_path, caps
 def test_skip_policy_keeps_only_good_samples_and_records_the_rest(bad_folder, tmp_path):
     ds = make_image_text_dataset(bad_folder / "train.jsonl")
     out = tmp_path / "run"
-    screened = screen_dataset(ds, "dataset", out, on_bad_sample="skip", max_bad_fraction=0.6)
+    screened = screen_dataset(ds, "dataset", out, SKIP)
     assert len(screened) == len(GOOD_LINES)
     assert [screened.location(i).rsplit(":", 1)[1] for i in range(len(screened))] == [
         str(line) for line in GOOD_LINES
     ]
     assert len(_bad_log(out)) == len(BAD_LINES)
     with pytest.raises(UsageError, match=r"more than data_check\.max_bad_fraction=0\.3"):
-        screen_dataset(ds, "dataset", out, on_bad_sample="skip", max_bad_fraction=0.3)
-    with pytest.raises(UsageError, match="on_bad_sample='ignore'"):
-        screen_dataset(ds, "dataset", out, on_bad_sample="ignore")
+        screen_dataset(
+            ds, "dataset", out, DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.3)
+        )
+    with pytest.raises(UsageError, match="on_bad_sample: 'ignore' is not one of error, skip"):
+        screen_dataset(ds, "dataset", out, DataCheckConfig(on_bad_sample="ignore"))
 
 
 def test_decode_failure_mid_run_is_replaced_counted_and_never_a_crash(bad_folder, tmp_path, capfd):
     ds = make_image_text_dataset(bad_folder / "train.jsonl")
     out = tmp_path / "run"
-    screened = screen_dataset(ds, "dataset", out, on_bad_sample="skip", max_bad_fraction=0.6)
+    screened = screen_dataset(ds, "dataset", out, SKIP)
     loader = torch.utils.data.DataLoader(
         screened, batch_size=2, num_workers=1, collate_fn=lambda samples: samples
     )

@@ -240,7 +240,7 @@ def test_lora_with_fsdp2_and_activation_checkpointing(tiny_gemma3, receipts_cfg,
 
 def test_distributed_settings_are_checked_before_anything_loads(tmp_path):
     for override, message in [
-        ("--distributed.strategy=fsdp", "use one of none, ddp, fsdp2"),
+        ("--distributed.strategy=fsdp", "'fsdp' is not one of none, ddp, fsdp2"),
         ("--distributed.cpu_ofload=true", "cpu_offload"),
     ]:
         result = run_cli("validate", "-c", ROOT / "examples/vlm/quickstart.yaml", override)

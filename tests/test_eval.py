@@ -192,16 +192,19 @@ def test_report_cli_on_a_real_run_renders_in_chromium(run_with_eval, tmp_path):
 
 
 def test_periodic_evaluator_checks_its_settings(tmp_path, model_and_data):
+    from automodel.config.sections import EvalConfig
     from automodel.errors import UsageError
     from automodel.eval.periodic import build_periodic_evaluator
 
     _, processor, dataset = model_and_data
-    assert build_periodic_evaluator({}, None, processor, dataset, tmp_path) is None
+    assert build_periodic_evaluator(EvalConfig(), None, processor, dataset, tmp_path) is None
     with pytest.raises(UsageError, match="no validation_dataset"):
-        build_periodic_evaluator({}, 5, processor, None, tmp_path)
+        build_periodic_evaluator(EvalConfig(), 5, processor, None, tmp_path)
     with pytest.raises(UsageError, match="best_metric='bleu4' is not produced"):
-        build_periodic_evaluator({"best_metric": "bleu4"}, 5, processor, dataset, tmp_path)
-    evaluator = build_periodic_evaluator({"metrics": ["vqa"]}, 5, processor, dataset, tmp_path)
+        build_periodic_evaluator(EvalConfig(best_metric="bleu4"), 5, processor, dataset, tmp_path)
+    evaluator = build_periodic_evaluator(
+        EvalConfig(metrics=["vqa"]), 5, processor, dataset, tmp_path
+    )
     assert evaluator.best_metric == "exact_match"
     assert [s for s in range(1, 13) if evaluator.due(s)] == [5, 10]
 

@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from automodel.config.sections import FreezeConfig
 from automodel.datasets.collate import default_collate_fn
 from automodel.errors import UsageError
 from automodel.loss import MaskedCrossEntropy
@@ -20,7 +21,7 @@ from automodel.models.freeze import (
     projector_modules,
     vision_modules,
 )
-from automodel.models.tiny import FAMILIES
+from automodel.twins import TWIN_FAMILIES as FAMILIES
 
 ROLES = {
     "freeze_vision_tower": vision_modules,
@@ -78,7 +79,7 @@ def _steps(model: nn.Module, batch: dict, steps: int = 2) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_key_freezes_its_part_and_the_rest_learns(family, key, tiny_family, batches):
     model = AutoModelForImageTextToText.from_pretrained(tiny_family(family))
-    apply_freeze(model, **{k: k == key for k in ROLES})
+    apply_freeze(model, FreezeConfig(**{k: k == key for k in ROLES}))
     frozen = _params(ROLES[key](model))
     assert frozen, f"{key} found nothing to freeze in {family}"
     for name, p in model.named_parameters():

@@ -112,11 +112,12 @@ def test_config_accepts_param_groups_and_rejects_a_non_list():
 
 
 def test_scheduler_scales_every_group_alike():
+    from automodel.config.sections import LrSchedulerConfig
     from automodel.training.schedule import build_lr_scheduler
 
     model = Toy()
     opt = build_optimizer({**ADAMW, "param_groups": [{"match": "vision", "lr": 1e-4}]}, model)
-    sched = build_lr_scheduler(opt, 10, lr_warmup_steps=0, lr_decay_style="linear")
+    sched = build_lr_scheduler(opt, 10, LrSchedulerConfig(lr_decay_style="linear"))
     for _ in range(5):
         opt.step()
         sched.step()

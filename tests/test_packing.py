@@ -12,7 +12,7 @@ from automodel.datasets.collate import default_collate_fn
 from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden
 from automodel.models.packing import Packer, pack_rows
-from automodel.models.tiny import FAMILIES
+from automodel.twins import TWIN_FAMILIES as FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

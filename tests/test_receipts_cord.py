@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from automodel.datasets.vlm import CATALOGUE, make_cord_v2_dataset, make_receipts
+from automodel.datasets.vlm import make_cord_v2_dataset
 from automodel.datasets.vlm.cord_v2 import DEFAULT_PROMPT, gt_parse_to_donut
+from automodel.demo.receipts import CATALOGUE, make_receipts
 from automodel.errors import UsageError
 
 N = 24

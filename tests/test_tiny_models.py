@@ -1,4 +1,4 @@
-"""Tests for the tiny model twins (automodel.models.tiny).
+"""Tests for the tiny model twins (automodel.twins).
 
 The gemma3 twin with default sizes has 3,424,768 parameters (vocabulary 2,048) and builds in
 0.3-0.6 s on 2 CPU cores, after about 4 s of importing transformers; this module runs in
@@ -18,7 +18,9 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from automodel.errors import UsageError
-from automodel.models.tiny import FAMILIES, GEMMA3_CHAT_TEMPLATE, make_tiny, train_tokenizer
+from automodel.twins import TWIN_FAMILIES, make_tiny
+from automodel.twins.gemma3 import GEMMA3_CHAT_TEMPLATE
+from automodel.twins.tokenizer import train_tokenizer
 
 SYSTEM = "You read receipts."
 QUESTION = "What is on the receipt?"
@@ -57,7 +59,7 @@ def gemma3(tmp_path_factory):
 
 
 def test_families_registry():
-    assert "gemma3" in FAMILIES
+    assert "gemma3" in TWIN_FAMILIES
 
 
 def test_loads_with_auto_classes(gemma3):

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from automodel.errors import UsageError
-from automodel.models.tiny_reader import (
+from automodel.demo.reader import (
     _Targets,
     cell_characters,
     receipt_fields,
     teach_tower_to_read,
 )
+from automodel.errors import UsageError
 
 
 def test_receipt_fields_pads_missing_lines_and_accepts_a_single_menu_dict():

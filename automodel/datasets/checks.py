@@ -26,9 +26,9 @@ from typing import Any
 
 import torch.utils.data
 
+from automodel.config.sections import DataCheckConfig
 from automodel.errors import UsageError
 
-POLICIES = ("error", "skip")
 # Consecutive undecodable samples after which the data is considered broken, not noisy.
 MAX_REPLACEMENTS = 64
 SHOWN = 20
@@ -77,29 +77,16 @@ def scan_dataset(dataset: Any, name: str) -> tuple[list[int], list[BadSample]]:
     return good, bad
 
 
-def check_policy(on_bad_sample: str, max_bad_fraction: float) -> None:
-    """Raises ``UsageError`` for an unknown policy or a fraction outside [0, 1]."""
-    if on_bad_sample not in POLICIES:
-        raise UsageError(
-            f"data_check.on_bad_sample={on_bad_sample!r}: use one of {', '.join(POLICIES)}"
-        )
-    if not 0 <= max_bad_fraction <= 1:
-        raise UsageError(
-            f"data_check.max_bad_fraction={max_bad_fraction!r} must be between 0 and 1"
-        )
-
-
-def allowed_bad(num_samples: int, on_bad_sample: str, max_bad_fraction: float) -> int:
+def allowed_bad(num_samples: int, policy: DataCheckConfig) -> int:
     """How many bad samples the policy tolerates in a dataset of ``num_samples``."""
-    return 0 if on_bad_sample == "error" else int(max_bad_fraction * num_samples)
+    return 0 if policy.on_bad_sample == "error" else int(policy.max_bad_fraction * num_samples)
 
 
 def screen_dataset(
     dataset: Any,
     name: str,
     out_dir: str | os.PathLike[str] | None = None,
-    on_bad_sample: str = "error",
-    max_bad_fraction: float = 0.1,
+    policy: DataCheckConfig | None = None,
 ) -> ScreenedDataset:
     """Scan a dataset before training and apply the bad-sample policy.
 
@@ -108,8 +95,9 @@ def screen_dataset(
         name: its config section (``dataset``, ``validation_dataset``).
         out_dir: the run's checkpoint folder; bad samples go to
             ``bad_samples.<name>.jsonl`` there.
-        on_bad_sample: ``error`` (stop before the first step) or ``skip``.
-        max_bad_fraction: with ``skip``, the largest share of bad samples tolerated.
+        policy: the ``data_check`` section (None: its defaults): ``on_bad_sample`` (``error``: stop before the
+            first step; or ``skip``) and ``max_bad_fraction`` (with ``skip``, the largest share
+            of bad samples tolerated).
 
     Returns:
         The dataset restricted to its good samples, with the decode-time safety net.
@@ -117,7 +105,7 @@ def screen_dataset(
     Raises:
         UsageError: bad samples the policy does not tolerate, or no usable sample at all.
     """
-    check_policy(on_bad_sample, max_bad_fraction)
+    policy = policy or DataCheckConfig()
     start = time.perf_counter()
     good, bad = scan_dataset(dataset, name)
     seconds = time.perf_counter() - start
@@ -135,16 +123,16 @@ def screen_dataset(
             )
         first = f"first {bad[0].where}: {bad[0].reason}"
         listed = f"; all listed in {log_path}" if log_path else ""
-        if on_bad_sample == "error":
+        if policy.on_bad_sample == "error":
             raise UsageError(
                 f"{name}: {len(bad)} of {total} samples are unusable ({first}){listed}; fix them, "
                 "or set data_check.on_bad_sample=skip to train without them"
             )
-        if len(bad) > allowed_bad(total, on_bad_sample, max_bad_fraction):
+        if len(bad) > allowed_bad(total, policy):
             raise UsageError(
                 f"{name}: {len(bad)} of {total} samples are unusable, more than "
-                f"data_check.max_bad_fraction={max_bad_fraction} ({first}){listed}; fix the data "
-                "(a wrong path or column?) or raise max_bad_fraction"
+                f"data_check.max_bad_fraction={policy.max_bad_fraction} ({first}){listed}; fix "
+                "the data (a wrong path or column?) or raise max_bad_fraction"
             )
         _print(f"{name}: skipping {len(bad)} of {total} samples (on_bad_sample: skip){listed}")
     if not good:

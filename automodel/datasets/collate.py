@@ -35,17 +35,19 @@ import logging
 import math
 import re
 import weakref
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
 
 from automodel.errors import UsageError
 from automodel.loss.masked_ce import IGNORE_INDEX
+from automodel.models import families
 
 logger = logging.getLogger(__name__)
 
-OVERLENGTH_POLICIES = ("drop", "error")
+OnOverlength = Literal["drop", "error"]
+OVERLENGTH_POLICIES = get_args(OnOverlength)
 
 # Keys whose second dimension is the sequence: truncated together with input_ids.
 SEQUENCE_KEYS = (
@@ -57,19 +59,6 @@ SEQUENCE_KEYS = (
     "labels",
 )
 
-# Processor / tokenizer attributes naming tokens that belong to an image (placeholders and the
-# markers around them): never labelled, never truncated away.
-_IMAGE_TOKEN_ATTRS = (
-    "image_token_id",
-    "boi_token_id",
-    "eoi_token_id",
-    "image_token_index",
-    "vision_start_token_id",
-    "vision_end_token_id",
-    "fake_image_token_id",
-    "global_image_token_id",
-)
-
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 # Attempts at shrinking an over-length sample's images before the policy applies.
@@ -77,25 +66,29 @@ _RESIZE_ATTEMPTS = 3
 
 
 def image_token_ids(processor) -> list[int]:
-    """Ids of the tokens that stand for image features (never labelled, never truncated)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = []
-    # Both sources count: Gemma 3's processor names <start_of_image> its image token while the
-    # tokenizer's image_token_id is the soft token the features replace.
-    for source in (processor, tokenizer):
-        for attr in _IMAGE_TOKEN_ATTRS:
-            value = getattr(source, attr, None)
-            if isinstance(value, int):
-                ids.append(value)
-    return sorted(set(ids))
+    """Ids of the tokens that stand for image features (never labelled, never truncated): the
+    processor's and its tokenizer's attributes that the family registry names."""
+    return families.image_token_ids(processor)
 
 
 # ------------------------------------------------------------------------------ capabilities
 def _chat_template(processor) -> str | None:
+    """The processor's chat template, with the family's template fix-up applied."""
     template = getattr(processor, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
+    fixup = families.family_of_processor(processor).template_fixup
+    if template and fixup is not None:
+        template = fixup(template)
     return template or None
+
+
+def _template_kwargs(processor) -> dict[str, str]:
+    """``chat_template=`` for ``apply_chat_template`` when the family's template needs a fix-up
+    (else nothing: the processor's own template is used)."""
+    if families.family_of_processor(processor).template_fixup is None:
+        return {}
+    return {"chat_template": _chat_template(processor)}
 
 
 def has_generation_markers(processor) -> bool:
@@ -247,6 +240,7 @@ def _render_with_markers(conversations: list[list[dict]], processor) -> dict:
         return_tensors="pt",
         processor_kwargs={"padding": True, "padding_side": "right"},
         return_assistant_tokens_mask=True,
+        **_template_kwargs(processor),
     )
     batch = dict(batch)
     mask = batch.pop("assistant_masks")
@@ -266,7 +260,10 @@ def reply_spans(conversation: list[dict], processor) -> tuple[str, list[tuple[in
 
     def render(messages: list[dict], generation_prompt: bool) -> str:
         return processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            **_template_kwargs(processor),
         )
 
     full = render(conversation, False)
@@ -402,6 +399,7 @@ def prompt_inputs(processor, prompts: list[list[dict]]) -> dict[str, torch.Tenso
             return_dict=True,
             return_tensors="pt",
             processor_kwargs={"padding": True, "padding_side": "left"},
+            **_template_kwargs(processor),
         )
     return dict(out)
 
@@ -448,7 +446,7 @@ def default_collate_fn(
     examples: list[dict[str, Any]],
     processor,
     max_length: int | None = None,
-    on_overlength: str = "drop",
+    on_overlength: OnOverlength = "drop",
 ) -> dict[str, Any] | None:
     """Collates conversation samples into one padded batch.
 

@@ -41,7 +41,7 @@ def check_dataset(
     good, bad = scan_dataset(dataset, name)
     scan_seconds = time.perf_counter() - start
     measure = _subset(good, max_samples, seed)
-    image_ids = torch.tensor(_image_ids(processor))
+    image_ids = torch.tensor(collate.image_token_ids(processor))
     text, images, totals, labels = [], [], [], []
     start = time.perf_counter()
     for i in measure:
@@ -178,16 +178,3 @@ def _histogram_lines(title: str, stats: dict[str, Any]) -> list[str]:
         bar = "#" * round(BAR * count / peak) if peak else ""
         lines.append(f"  {int(lo):>6}-{int(np.ceil(hi)) - 1:<6} {bar:<{BAR}} {count}")
     return lines
-
-
-def _image_ids(processor: Any) -> list[int]:
-    """Image token ids from the processor and its tokenizer (Gemma 3's processor names the
-    begin-of-image token ``image_token_id``, its tokenizer the soft image token)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = set(collate.image_token_ids(processor))
-    for attr in ("image_token_id", "boi_token_id", "eoi_token_id", "image_token_index"):
-        for owner in (processor, tokenizer):
-            value = getattr(owner, attr, None)
-            if isinstance(value, int):
-                ids.add(value)
-    return sorted(ids)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from automodel.models import families
+
 
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     """Shuffled indices in which each run of ``batch_size`` has similar lengths.
@@ -124,12 +126,7 @@ def _conversation(dataset, idx: int) -> list[dict] | None:
 
 def image_tokens_per_image(processor) -> int:
     """The fixed number of tokens an image becomes, where the processor says (else 0)."""
-    for owner in (processor, getattr(processor, "image_processor", None)):
-        for name in ("image_seq_length", "num_image_tokens", "image_seq_len"):
-            value = getattr(owner, name, None)
-            if isinstance(value, int):
-                return value
-    return 0
+    return families.tokens_per_image(processor)
 
 
 def estimate_lengths(dataset, processor=None) -> list[int]:

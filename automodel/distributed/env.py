@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from automodel.config.sections import DistEnvConfig
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -24,13 +26,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> DistInfo:
+def init_distributed(config: DistEnvConfig | None = None) -> DistInfo:
     """Joins the process group torchrun describes in the environment; one process otherwise.
 
     Args:
-        backend: ``nccl`` or ``gloo``; default nccl when CUDA is available, gloo otherwise.
-        timeout_minutes: how long a collective may wait before the job fails.
+        config: the ``dist_env`` section (None: its defaults): ``backend`` (``nccl`` or ``gloo``; default nccl when
+            CUDA is available, gloo otherwise) and ``timeout_minutes`` (how long a collective
+            may wait before the job fails).
     """
+    config = config or DistEnvConfig()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,10 +44,10 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 10) -> D
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        backend = config.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(
             backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=config.timeout_minutes),
             device_id=(device if device.type == "cuda" else None),
         )
     return DistInfo(rank, world_size, local_rank, device)

@@ -8,13 +8,16 @@ wraps the root in DDP. The model file stays free of distributed code.
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 import torch
 from torch import nn
 
+from automodel.config.sections import Strategy
 from automodel.errors import UsageError
+from automodel.models.families import family_of, transformers_model
 
-STRATEGIES = ("none", "ddp", "fsdp2")
+STRATEGIES = get_args(Strategy)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -32,13 +35,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The vision tower inside ``model`` (which may wrap the transformers model)."""
-    for module in model.modules():
-        for name in ("vision_tower", "vision_model", "visual"):
-            tower = module._modules.get(name)
-            if isinstance(tower, nn.Module):
-                return tower
-    return None
+    """The vision tower inside ``model`` (which may wrap the transformers model), as the family
+    registry names it, or None."""
+    inner = transformers_model(model)
+    paths = family_of(inner).tower
+    return inner.get_submodule(paths[0]) if paths else None
 
 
 DTYPE_KEYS = ("param_dtype", "reduce_dtype")
@@ -60,16 +61,6 @@ def dtype_of(name: str | None, key: str) -> torch.dtype | None:
     if short not in _DTYPES:
         raise UsageError(f"{key}={name!r}: use bfloat16, float16 or float32")
     return _DTYPES[short]
-
-
-def dp_size_of(dist_cfg: dict) -> int | None:
-    """``distributed.dp_size``: an int, or null / ``none`` for all processes."""
-    value = dist_cfg.get("dp_size")
-    if value is None or str(value).lower() == "none":
-        return None
-    if not isinstance(value, int) or value < 1:
-        raise UsageError(f"distributed.dp_size={value!r}: give a positive integer or null")
-    return value
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
 from automodel.eval.evaluate import default_metrics, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names, score_names
@@ -26,15 +27,14 @@ class PeriodicEvaluator:
 
     Args:
         processor: the model's processor.
-        dataset: the validation dataset; its first ``max_samples`` samples are used every time.
+        dataset: the validation dataset; its first ``config.max_samples`` samples are used every
+            time.
         out_dir: the run's checkpoint directory.
         every_steps: evaluate when ``step % every_steps == 0``.
-        metrics: metric names; ``None`` uses the dataset's default.
-        max_samples: size of the fixed subset.
-        batch_size: prompts per ``generate`` call.
-        max_new_tokens: the longest reply.
-        best_metric: the score whose best value is tracked (``None``: the first score).
-        gallery_size: images kept for ``automodel report``.
+        config: the ``eval`` section: ``metrics`` (``None``: the dataset's default),
+            ``max_samples`` (size of the fixed subset), ``batch_size`` (prompts per ``generate``
+            call), ``max_new_tokens``, ``best_metric`` (the score whose best value is tracked;
+            ``None``: the first score), ``gallery_size`` (images kept for ``automodel report``).
         logger: the run's ``MetricsLogger`` (its sinks and console); ``None`` prints.
         start_step: the step a resumed run continues from; later ``eval.jsonl`` records go.
     """
@@ -45,12 +45,7 @@ class PeriodicEvaluator:
         dataset,
         out_dir: str | Path,
         every_steps: int,
-        metrics: list[str] | None = None,
-        max_samples: int = 32,
-        batch_size: int = 8,
-        max_new_tokens: int = 256,
-        best_metric: str | None = None,
-        gallery_size: int = 8,
+        config: EvalConfig,
         logger=None,
         start_step: int = 0,
     ):
@@ -58,11 +53,12 @@ class PeriodicEvaluator:
         self.dataset = dataset
         self.out_dir = Path(out_dir)
         self.every_steps = every_steps
+        metrics, best_metric = config.metrics, config.best_metric
         self.metrics = default_metrics(dataset) if metrics is None else expand_metric_names(metrics)
-        self.max_samples = max_samples
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.gallery_size = gallery_size
+        self.max_samples = config.max_samples
+        self.batch_size = config.batch_size
+        self.max_new_tokens = config.max_new_tokens
+        self.gallery_size = config.gallery_size
         available = score_names(self.metrics)
         self.best_metric = best_metric or available[0]
         if self.best_metric not in available:
@@ -129,7 +125,7 @@ class PeriodicEvaluator:
 
 
 def build_periodic_evaluator(
-    eval_cfg: dict,
+    config: EvalConfig,
     every_steps: int | None,
     processor,
     dataset,
@@ -152,5 +148,11 @@ def build_periodic_evaluator(
     if every_steps < 1:
         raise UsageError(f"step_scheduler.eval_every_steps={every_steps} must be positive")
     return PeriodicEvaluator(
-        processor, dataset, out_dir, every_steps, **eval_cfg, logger=logger, start_step=start_step
+        processor,
+        dataset,
+        out_dir,
+        every_steps,
+        config,
+        logger=logger,
+        start_step=start_step,
     )

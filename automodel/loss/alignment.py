@@ -19,16 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from automodel.loss.masked_ce import IGNORE_INDEX
+from automodel.models.families import image_token_id
 from automodel.models.freeze import language_modules
-
-
-def _image_token_id(model: nn.Module) -> int:
-    config = model.config
-    for attr in ("image_token_id", "image_token_index"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"{type(model).__name__}'s config names no image token id")
 
 
 class ImageTextAlignmentLoss:
@@ -51,7 +43,7 @@ class ImageTextAlignmentLoss:
         self._sums = {"language_loss": 0.0, "vision_loss": 0.0}
         self._weights = {"language_loss": 0.0, "vision_loss": 0.0}
         if self.weight and model is not None:
-            self.image_token_id = _image_token_id(model)
+            self.placeholder_id = image_token_id(model)
             decoder = language_modules(model)[0]
             decoder.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -72,7 +64,7 @@ class ImageTextAlignmentLoss:
             return self._alignment(embeds, input_ids, labels)
 
     def _alignment(self, embeds: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
-        is_image = (input_ids == self.image_token_id).unsqueeze(-1)  # [B, T, 1]
+        is_image = (input_ids == self.placeholder_id).unsqueeze(-1)  # [B, T, 1]
         is_reply = (labels != IGNORE_INDEX).unsqueeze(-1)
         usable = is_image.any(1).squeeze(-1) & is_reply.any(1).squeeze(-1)  # [B]
         if int(usable.sum()) < 2:

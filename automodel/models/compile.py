@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from automodel.config.sections import CompileConfig
 from automodel.models.freeze import language_modules
 from automodel.peft.lora import unwrap
 
@@ -22,28 +23,26 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return []
 
 
-def compile_model(
-    model,
-    enabled: bool = False,
-    mode: str | None = None,
-    dynamic: bool | None = True,
-    fullgraph: bool = False,
-    backend: str = "inductor",
-) -> int:
-    """Compiles each decoder block of ``model`` in place when ``enabled``.
+def compile_model(model, config: CompileConfig) -> int:
+    """Compiles each decoder block of ``model`` in place when ``config.enabled``.
 
     Args:
         model: the VLM (or its PEFT wrapper).
-        enabled: the switch ``compile.enabled``.
-        mode, dynamic, fullgraph, backend: passed to ``torch.compile``; ``dynamic=True`` avoids
-            a recompile for every new sequence length.
+        config: the ``compile`` section: ``enabled``, and ``mode``, ``dynamic``,
+            ``fullgraph``, ``backend`` passed to ``torch.compile`` (``dynamic=True`` avoids a
+            recompile for every new sequence length).
 
     Returns:
         The number of blocks compiled.
     """
-    if not enabled:
+    if not config.enabled:
         return 0
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+        layer.compile(
+            mode=config.mode,
+            dynamic=config.dynamic,
+            fullgraph=config.fullgraph,
+            backend=config.backend,
+        )
     return len(layers)

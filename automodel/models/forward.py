@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import inspect
+from typing import get_args
 
 import torch
 from torch import nn
 
+from automodel.config.sections import Autocast, PrecisionConfig
 from automodel.datasets.collate import SEQUENCE_KEYS
 from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden, label_loss, output_logits
@@ -34,8 +36,10 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     is fast only with AMX units (there, 3-10x fp32's matmul throughput) and changes every
     matmul's numerics, so a CPU run gets it only when the config asks for ``bf16``.
     """
-    if mode not in ("auto", "bf16", "fp16", "none"):
-        raise UsageError(f"precision.autocast={mode!r}: use auto, bf16, fp16 or none")
+    if mode not in get_args(Autocast):
+        raise UsageError(
+            f"precision.autocast: {mode!r} is not one of {', '.join(get_args(Autocast))}"
+        )
     if mode == "none":
         return None
     if mode == "auto":
@@ -44,13 +48,15 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
-def apply_precision(model: nn.Module, precision: dict, device: torch.device) -> torch.dtype | None:
+def apply_precision(
+    model: nn.Module, precision: PrecisionConfig, device: torch.device
+) -> torch.dtype | None:
     """The config's ``precision`` section for ``model`` on ``device``: the autocast dtype (None:
     no autocast), and under CPU autocast, attention in fp32 unless
     ``precision.fp32_attention_on_cpu`` is false (see ``models/attention.py``)."""
-    dtype = autocast_dtype(precision["autocast"], device)
+    dtype = autocast_dtype(precision.autocast, device)
     if dtype is not None and device.type == "cpu":
-        fp32_attention_on_cpu(model, precision["fp32_attention_on_cpu"])
+        fp32_attention_on_cpu(model, precision.fp32_attention_on_cpu)
     return dtype
 
 

@@ -6,7 +6,8 @@ most ``pack_length`` tokens (by default the micro-batch's longest sample), so th
 on fewer padding tokens. The samples stay apart:
 
 - position ids restart at every sample. Families with multimodal RoPE (Qwen2-VL, Qwen2.5-VL)
-  carry over the positions their own ``get_rope_index`` gives the unpacked batch.
+  carry over the positions their own position-id method (the family registry's ``rope_index``)
+  gives the unpacked batch.
 - the attention mask lets a token see its own sample only: causal, plus the family's
   bidirectional spans (Gemma 3's image blocks, PaliGemma's prefix), within the sliding window
   on sliding-window layers. transformers' own mask builders make it, so every attention
@@ -20,22 +21,15 @@ their features in the same order as unpacked.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from automodel.datasets.collate import SEQUENCE_KEYS
 from automodel.errors import UsageError
 from automodel.loss.masked_ce import IGNORE_INDEX
+from automodel.models.families import family_of, rope_index
 from automodel.peft.lora import unwrap
 
-# Families whose tokens attend both ways inside some spans: which spans (from token_type_ids).
-_BIDIRECTIONAL = {"gemma3": "image", "paligemma": "prefix"}
-# The first position id a family gives a sequence (PaliGemma counts from 1).
-_FIRST_POSITION = {"paligemma": 1}
-# Families whose forward takes one 4D mask but not one mask per layer type.
-_ONE_MASK_ONLY = {"paligemma"}
 _LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
@@ -70,6 +64,7 @@ class Packer:
     def __init__(self, model, pack_length: int | None = None):
         inner = unwrap(model)
         self.base = inner.model
+        family = family_of(inner)
         self.family = inner.config.model_type
         self.text_config = inner.config.get_text_config()
         layer_types = set(getattr(self.text_config, "layer_types", None) or ["full_attention"])
@@ -82,14 +77,15 @@ class Packer:
             raise UsageError(f"packing.pack_length={pack_length} must be at least 1 (or null)")
         self.sliding = "sliding_attention" in layer_types
         self.pack_length = pack_length
-        self.bidirectional = _BIDIRECTIONAL.get(self.family)
-        self.first_position = _FIRST_POSITION.get(self.family, 0)
+        # What the family registry says: which spans attend both ways (from token_type_ids), the
+        # first position id, whether the forward takes one mask only, and for multimodal RoPE
+        # families the model's own position-id method and its inputs.
+        self.bidirectional = family.bidirectional
+        self.first_position = family.first_position
+        self.one_mask_only = family.one_mask_only
         self.pad_id = getattr(self.text_config, "pad_token_id", None) or 0
-        # Multimodal RoPE families compute their positions with the model's get_rope_index.
-        self.rope_index = getattr(self.base, "get_rope_index", None)
-        self.rope_inputs = (
-            set(inspect.signature(self.rope_index).parameters) if self.rope_index else set()
-        )
+        self.rope_index, rope_inputs = rope_index(inner)
+        self.rope_inputs = set(rope_inputs)
 
     def __call__(self, batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The packed model inputs and labels (``batch`` itself is left unchanged)."""
@@ -106,7 +102,7 @@ class Packer:
         if first_labelled:
             raise UsageError("packing: a sample's first token carries a label")
         per_layer_type = self.sliding and max(lengths) > self.text_config.sliding_window
-        if per_layer_type and self.family in _ONE_MASK_ONLY:
+        if per_layer_type and self.one_mask_only:
             return batch, labels  # this family cannot take a separate sliding-window mask
         rows = pack_rows(lengths, self.pack_length or max(lengths))
         source, seq_ids, steps = (t.to(real.device) for t in _layout(rows, lengths, width))
@@ -124,7 +120,7 @@ class Packer:
     def positions(self, batch: dict, source: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """The packed rows' position ids: ``steps`` (each sample's token index) in the family's
         convention. Multimodal RoPE families get ``[4, R, L]``: ``steps``, then the three
-        position rows their ``get_rope_index`` gives the unpacked batch."""
+        position rows their ``rope_index`` method gives the unpacked batch."""
         if self.rope_index is not None and "mm_token_type_ids" in batch:
             inputs = {
                 k: v for k, v in batch.items() if k in self.rope_inputs and torch.is_tensor(v)

@@ -8,8 +8,8 @@ mode (no dropout), and the pixels themselves are the key (a random augmentation 
 it does not reuse stale outputs). A tower in training mode is run without the cache.
 
 Only towers that embed each image on its own from a ``[N, C, H, W]`` batch and whose callers read
-``last_hidden_state`` are cached (SigLIP in Gemma 3 and PaliGemma, CLIP/SigLIP in LLaVA); others
-are refused when the cache is switched on.
+``last_hidden_state`` are cached (SigLIP in Gemma 3 and PaliGemma, CLIP/SigLIP in LLaVA: the
+family registry's ``cached_tower``); others are refused when the cache is switched on.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from automodel.config.sections import VisionCacheConfig
 from automodel.errors import UsageError
-from automodel.models.freeze import vision_modules
-from automodel.peft.lora import unwrap
+from automodel.models.families import family_of, transformers_model
 
 
 def _row_key(pixels: torch.Tensor, extra: tuple) -> bytes:
@@ -36,7 +36,7 @@ class VisionCache:
     """Outputs of one frozen vision tower, keyed by image bytes.
 
     Args:
-        tower: the vision tower module (``model.model.vision_tower``).
+        tower: the vision tower module (the family registry's ``cached_tower``).
         max_images: stop adding entries after this many (``None``: no limit).
         device: where entries are stored (``"cpu"`` saves accelerator memory).
     """
@@ -85,16 +85,12 @@ class VisionCache:
         self.entries.clear()
 
 
-def build_vision_cache(
-    model, enabled: bool = False, max_images: int | None = None, device: str | None = "cpu"
-) -> VisionCache | None:
-    """Wraps the model's frozen vision tower with a ``VisionCache`` when ``enabled``.
+def build_vision_cache(model, config: VisionCacheConfig) -> VisionCache | None:
+    """Wraps the model's frozen vision tower with a ``VisionCache`` when ``config.enabled``.
 
     Args:
         model: the VLM (or its PEFT wrapper), after freezing.
-        enabled: the config switch ``vision_cache.enabled``.
-        max_images: ``vision_cache.max_images``.
-        device: ``vision_cache.device``: where cached outputs live.
+        config: the ``vision_cache`` section (``enabled``, ``max_images``, ``device``).
 
     Returns:
         The cache, or ``None`` when disabled.
@@ -102,24 +98,20 @@ def build_vision_cache(
     Raises:
         UsageError: the tower trains (some of its parameters require grad) or was not found.
     """
-    if not enabled:
+    if not config.enabled:
         return None
-    towers = [m for m in vision_modules(unwrap(model)) if _is_tower(m)]
-    if len(towers) != 1:
+    inner = transformers_model(model)
+    path = family_of(inner).cached_tower
+    if path is None:
         raise UsageError(
             "vision_cache.enabled: found no single vision tower in this model; "
             "set vision_cache.enabled=false"
         )
-    tower = towers[0]
+    tower = inner.get_submodule(path)
     if any(p.requires_grad for p in tower.parameters()):
         raise UsageError(
             "vision_cache.enabled needs a frozen vision tower: set "
             "freeze_config.freeze_vision_tower=true (and keep LoRA off the tower), or turn the "
             "cache off"
         )
-    return VisionCache(tower, max_images, device)
-
-
-def _is_tower(module: torch.nn.Module) -> bool:
-    # The projector is a vision module too; the tower is the one with an embeddings submodule.
-    return hasattr(module, "embeddings") or hasattr(module, "vision_model")
+    return VisionCache(tower, config.max_images, config.device)

@@ -1,8 +1,9 @@
 """LoRA through Hugging Face PEFT: choosing target layers by role, saving, merging.
 
-The default targets every linear layer of the language model and nothing else: a bare pattern
-such as ``q_proj`` also matches the attention layers of SigLIP, CLIP and Idefics3 vision towers,
-so targets are resolved here to exact module names before PEFT sees them.
+The default targets every linear layer of the language model and nothing else (the family
+registry's ``lora_targets``): a bare pattern such as ``q_proj`` also matches the attention layers
+of SigLIP, CLIP and Idefics3 vision towers, so targets are resolved here to exact module names
+before PEFT sees them.
 """
 
 from __future__ import annotations
@@ -15,18 +16,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UsageError
-
-# Subtrees that hold the language model in transformers 5.x VLMs (under ``model.``).
-_LANGUAGE_ROOTS = ("language_model", "text_model")
-# Never adapted by default: vision towers, projectors and the output head.
-_DEFAULT_EXCLUDE = (
-    "*vision_tower*",
-    "*vision_model*",
-    "*visual*",
-    "*multi_modal_projector*",
-    "*connector*",
-    "*lm_head*",
-)
+from automodel.models.families import family_of
 
 
 @dataclass
@@ -80,24 +70,24 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _is_language_model(name: str) -> bool:
-    parts = name.split(".")
-    return any(root in parts for root in _LANGUAGE_ROOTS)
-
-
 def resolve_target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Full names of the linear layers LoRA adapts.
 
     Raises:
         UsageError: the patterns match no linear layer (the message lists some that exist).
     """
+    family = family_of(model)
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if cfg.target_modules:
         chosen = [n for n in linear if _matches(n, cfg.target_modules)]
     elif cfg.match_all_linear:
-        chosen = [n for n in linear if not _matches(n, list(_DEFAULT_EXCLUDE))]
+        chosen = [n for n in linear if not _matches(n, list(family.lora_exclude))]
     else:
-        chosen = [n for n in linear if _is_language_model(n) and not _matches(n, ["*lm_head*"])]
+        chosen = [
+            n
+            for n in linear
+            if _matches(n, list(family.lora_targets)) and not _matches(n, ["*lm_head*"])
+        ]
     chosen = [n for n in chosen if not _matches(n, cfg.exclude_modules)]
     if not chosen:
         examples = ", ".join(linear[:4] + (["..."] if len(linear) > 4 else []))

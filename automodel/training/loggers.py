@@ -10,8 +10,9 @@ import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
+from automodel.config.sections import MLflowConfig, WandbConfig
 from automodel.errors import UsageError
 
 
@@ -64,9 +65,9 @@ class WandbSink:
         out_dir: the default ``dir`` for W&B's local files.
     """
 
-    def __init__(self, section: dict[str, Any], cfg: dict, out_dir: str | Path):
+    def __init__(self, section: WandbConfig, cfg: dict, out_dir: str | Path):
         wandb = _import("wandb", "wandb")
-        kwargs = {k: v for k, v in section.items() if v is not None}
+        kwargs = {k: v for k, v in section.to_dict().items() if v is not None}
         save_dir = kwargs.pop("save_dir", None) or out_dir
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(dir=str(save_dir), config=cfg, **kwargs)
@@ -87,15 +88,15 @@ class MLflowSink:
         cfg: the resolved config.
     """
 
-    def __init__(self, section: dict[str, Any], cfg: dict):
+    def __init__(self, section: MLflowConfig, cfg: dict):
         mlflow = _import("mlflow", "mlflow")
-        if section.get("tracking_uri"):
-            mlflow.set_tracking_uri(section["tracking_uri"])
-        name = section.get("experiment_name") or "automodel"
+        if section.tracking_uri:
+            mlflow.set_tracking_uri(section.tracking_uri)
+        name = section.experiment_name or "automodel"
         if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=section.get("artifact_location"))
+            mlflow.create_experiment(name, artifact_location=section.artifact_location)
         mlflow.set_experiment(name)
-        mlflow.start_run(run_name=section.get("run_name") or None, tags=section.get("tags") or None)
+        mlflow.start_run(run_name=section.run_name or None, tags=section.tags or None)
         mlflow.log_dict(cfg, "config.json")
         self.mlflow = mlflow
 
@@ -125,7 +126,7 @@ def build_sinks(cfg: dict, out_dir: str | Path, start_step: int = 0) -> list[Met
     """
     sinks: list[MetricsSink] = [TensorBoardSink(Path(out_dir) / "tensorboard", start_step)]
     if cfg.get("wandb"):
-        sinks.append(WandbSink(cfg["wandb"], cfg, out_dir))
+        sinks.append(WandbSink(WandbConfig.from_dict(cfg["wandb"]), cfg, out_dir))
     if cfg.get("mlflow"):
-        sinks.append(MLflowSink(cfg["mlflow"], cfg))
+        sinks.append(MLflowSink(MLflowConfig.from_dict(cfg["mlflow"]), cfg))
     return sinks

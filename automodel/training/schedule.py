@@ -6,31 +6,26 @@ import math
 
 import torch
 
-from automodel.errors import UsageError
-
-DECAY_STYLES = ("cosine", "linear", "constant")
+from automodel.config.sections import LrSchedulerConfig
 
 
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     max_steps: int,
-    lr_warmup_steps: float = 0,
-    lr_decay_style: str = "cosine",
-    min_lr: float = 0.0,
+    config: LrSchedulerConfig | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Builds the schedule for ``max_steps`` optimizer steps.
 
     Args:
         optimizer: its ``lr`` is the peak learning rate.
         max_steps: total optimizer steps.
-        lr_warmup_steps: steps of linear warmup from 0, or a fraction (< 1) of ``max_steps``.
-        lr_decay_style: ``cosine``, ``linear`` or ``constant`` after warmup.
-        min_lr: the learning rate reached at ``max_steps``.
+        config: the ``lr_scheduler`` section (None: its defaults): ``lr_warmup_steps`` (steps of linear warmup from
+            0, or a fraction (< 1) of ``max_steps``), ``lr_decay_style`` (``cosine``,
+            ``linear`` or ``constant`` after warmup), ``min_lr`` (reached at ``max_steps``).
     """
-    if lr_decay_style not in DECAY_STYLES:
-        raise UsageError(
-            f"lr_scheduler.lr_decay_style: {lr_decay_style!r} is not one of {', '.join(DECAY_STYLES)}"
-        )
+    config = config or LrSchedulerConfig()
+    lr_warmup_steps, lr_decay_style = config.lr_warmup_steps, config.lr_decay_style
+    min_lr = config.min_lr
     warmup = int(lr_warmup_steps * max_steps) if 0 < lr_warmup_steps < 1 else int(lr_warmup_steps)
     peak = optimizer.param_groups[0]["lr"]
     floor = min_lr / peak if peak > 0 else 0.0

@@ -12,16 +12,13 @@ from automodel.datasets.vlm.columns import (
 )
 from automodel.datasets.vlm.conversation import make_conversation_dataset
 from automodel.datasets.vlm.cord_v2 import CordV2Dataset, make_cord_v2_dataset
-from automodel.datasets.vlm.receipts import CATALOGUE, make_receipts
 
 __all__ = [
-    "CATALOGUE",
     "ConversationDataset",
     "CordV2Dataset",
     "make_conversation_dataset",
     "make_cord_v2_dataset",
     "make_hf_dataset",
     "make_image_text_dataset",
-    "make_receipts",
     "make_vqa_dataset",
 ]

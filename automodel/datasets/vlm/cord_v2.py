@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import datasets
 import numpy as np
@@ -39,13 +39,14 @@ HUB_ID = "naver-clova-ix/cord-v2"
 
 DEFAULT_PROMPT = "Read this receipt. List each item with its count and price, then the total."
 
-TARGET_FORMATS: tuple[str, ...] = ("json", "donut")
+TargetFormat = Literal["json", "donut"]
+TARGET_FORMATS: tuple[str, ...] = get_args(TargetFormat)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "ground_truth")
 
 _LOCAL_HINT = (
     "a folder laid out like naver-clova-ix/cord-v2 (data/<split>-*.parquet with image and "
-    "ground_truth columns), e.g. one written by automodel.datasets.vlm.make_receipts"
+    "ground_truth columns), e.g. one written by automodel.demo.receipts.make_receipts"
 )
 
 
@@ -182,7 +183,7 @@ def make_cord_v2_dataset(
     path_or_dataset: str | os.PathLike[str] | datasets.Dataset | datasets.DatasetDict = HUB_ID,
     split: str = "train",
     prompt: str = DEFAULT_PROMPT,
-    target_format: str = "json",
+    target_format: TargetFormat = "json",
     image_size: int | None = None,
     limit: int | None = None,
     val_fraction: float | None = None,

@@ -17,22 +17,18 @@ import torch
 from torch import nn
 
 from automodel.config.instantiate import instantiate, resolve_target
+from automodel.config.sections import DataCheckConfig, FreezeConfig, StepSchedulerConfig
 from automodel.datasets.checks import screen_dataset
 from automodel.datasets.samplers import make_sampler
 from automodel.distributed.env import barrier
-from automodel.distributed.parallelize import (
-    DTYPE_KEYS,
-    build_mesh,
-    dp_size_of,
-    dtype_of,
-    parallelize,
-)
+from automodel.distributed.parallelize import DTYPE_KEYS, build_mesh, dtype_of, parallelize
 from automodel.errors import UsageError
 from automodel.models.auto import load_processor
 from automodel.models.forward import TrainForward
 from automodel.models.freeze import apply_freeze, count_parameters
 from automodel.models.packing import Packer
 from automodel.peft import apply_lora
+from automodel.recipes.vlm.config import FinetuneConfig
 from automodel.training.feed import BatchFeed
 from automodel.training.metrics import print0
 
@@ -70,21 +66,23 @@ def build_processor(cfg: dict):
     return load_processor(cfg["model"]["pretrained_model_name_or_path"])
 
 
-def build_model(cfg: dict, device: torch.device | None = None, train: bool = True):
+def build_model(
+    cfg: dict, freeze: FreezeConfig | None = None, device: torch.device | None = None
+):
     """The ``model`` section with LoRA (``peft``) applied.
 
     Args:
         cfg: the resolved config.
+        freeze: the roles to freeze (``freeze_config``), then the trainable share is printed;
+            None builds the bare architecture, e.g. to receive gathered weights.
         device: where the model goes; None leaves it where it loaded.
-        train: also freeze by role (``freeze_config``) and print the trainable share; False
-            builds the bare architecture, e.g. to receive gathered weights.
     """
     model = build(cfg, "model")
-    if train:
-        apply_freeze(model, **cfg["freeze_config"])
+    if freeze is not None:
+        apply_freeze(model, freeze)
     if cfg.get("peft"):
         model = apply_lora(model, build(cfg, "peft"))
-    if train:
+    if freeze is not None:
         trainable, total = count_parameters(model)
         print0(
             f"parameters: {trainable:,} trainable / {total:,} total "
@@ -93,13 +91,19 @@ def build_model(cfg: dict, device: torch.device | None = None, train: bool = Tru
     return model if device is None else model.to(device)
 
 
-def build_dataset(cfg: dict, section: str, split: str | None = None, screen_dir=None):
+def build_dataset(
+    cfg: dict,
+    section: str,
+    split: str | None = None,
+    screen_dir=None,
+    policy: DataCheckConfig | None = None,
+):
     """The config's dataset ``section``.
 
     Args:
         split: replaces the section's ``split`` (``evaluate --split``); None keeps it.
         screen_dir: a training run's folder: the dataset is scanned for bad samples first
-            (``data_check`` section, see ``screen_dataset``) and they are recorded there.
+            under ``policy`` (``data_check``, see ``screen_dataset``) and recorded there.
     """
     node = cfg[section]
     if split is not None:
@@ -107,7 +111,7 @@ def build_dataset(cfg: dict, section: str, split: str | None = None, screen_dir=
     dataset = instantiate(node, where=section, extra_prefixes=extra_prefixes(cfg))
     if screen_dir is None:
         return dataset
-    return screen_dataset(dataset, section, screen_dir, **cfg["data_check"])
+    return screen_dataset(dataset, section, screen_dir, policy)
 
 
 def build_collate(cfg: dict, processor):
@@ -176,10 +180,9 @@ def build_dataloader(
     )
 
 
-def build_grad_accum(cfg: dict, dp_size: int) -> int:
+def build_grad_accum(steps: StepSchedulerConfig, dp_size: int) -> int:
     """Micro-batches per optimizer step: global / (local x data-parallel ranks)."""
-    steps = cfg["step_scheduler"]
-    global_bs, local_bs = steps["global_batch_size"], steps["local_batch_size"]
+    global_bs, local_bs = steps.global_batch_size, steps.local_batch_size
     if global_bs % (local_bs * dp_size):
         raise UsageError(
             f"step_scheduler.global_batch_size={global_bs} must be a multiple of "
@@ -188,63 +191,58 @@ def build_grad_accum(cfg: dict, dp_size: int) -> int:
     return global_bs // (local_bs * dp_size)
 
 
-def build_max_steps(cfg: dict, num_samples: int) -> int:
+def build_max_steps(steps: StepSchedulerConfig, num_samples: int) -> int:
     """``step_scheduler.max_steps``, else ``num_epochs`` (default 1) over ``num_samples``."""
-    steps = cfg["step_scheduler"]
-    if steps.get("max_steps"):
-        return steps["max_steps"]
-    epochs = steps.get("num_epochs") or 1
-    per_epoch = math.ceil(num_samples / steps["global_batch_size"])
+    if steps.max_steps:
+        return steps.max_steps
+    epochs = steps.num_epochs or 1
+    per_epoch = math.ceil(num_samples / steps.global_batch_size)
     return max(1, epochs * per_epoch)
 
 
 def build_train_module(
-    cfg: dict, model: nn.Module, loss_fn, vision_loss, feed: BatchFeed, device: torch.device
+    sections: FinetuneConfig,
+    model: nn.Module,
+    loss_fn,
+    vision_loss,
+    feed: BatchFeed,
+    device: torch.device,
 ) -> nn.Module:
     """The module the loop calls (``TrainForward``: the language loss and ``vision_loss``),
     made data parallel over all processes (``distributed``).
 
     Args:
+        sections: the config's typed sections (``distributed``, ``packing``, ``vision_cache``).
         model, loss_fn, vision_loss: the model and the loss terms the module computes.
         feed: the run's ``BatchFeed`` (its world size, blank image and unreached parameters).
         device: this process's device.
     """
-    dist_cfg, world_size = cfg["distributed"], feed.world_size
-    strategy = dist_cfg["strategy"] if world_size > 1 else "none"
-    _check_distributed(cfg, strategy, world_size)
+    dist_cfg, world_size = sections.distributed, feed.world_size
+    strategy = dist_cfg.strategy if world_size > 1 else "none"
+    if world_size > 1 and strategy == "fsdp2" and sections.vision_cache.enabled:
+        raise UsageError(
+            "vision_cache with distributed.strategy=fsdp2 would skip the sharded tower's "
+            "collectives on some ranks: use strategy ddp or turn the cache off"
+        )
     blank_image_inputs = feed.blank_image_inputs(model)
     packer = None
-    if cfg["packing"]["enabled"]:
-        packer = Packer(model, cfg["packing"].get("pack_length"))
+    if sections.packing.enabled:
+        packer = Packer(model, sections.packing.pack_length)
     module = TrainForward(model, loss_fn, blank_image_inputs, packer, vision_loss)
     mesh = None
     if strategy != "none":
         feed.freeze_unreached(module, model)
         vision_loss.reset()  # that probe was no training step
-        mesh = build_mesh(device.type, world_size, dp_size_of(dist_cfg))
-    dtypes = {k: dtype_of(dist_cfg.get(k), f"distributed.{k}") for k in DTYPE_KEYS}
+        mesh = build_mesh(device.type, world_size, dist_cfg.num_dp_ranks)
+    dtypes = {k: dtype_of(getattr(dist_cfg, k), f"distributed.{k}") for k in DTYPE_KEYS}
     module = parallelize(
         module,
         mesh,
         strategy,
-        activation_checkpointing=dist_cfg["activation_checkpointing"],
-        cpu_offload=dist_cfg["cpu_offload"],
+        activation_checkpointing=dist_cfg.activation_checkpointing,
+        cpu_offload=dist_cfg.cpu_offload,
         **dtypes,
     )
     if world_size > 1:
         print0(f"data parallel: {strategy} over {world_size} processes")
     return module
-
-
-def _check_distributed(cfg: dict, strategy: str, world_size: int) -> None:
-    dist_cfg = cfg["distributed"]
-    for key in ("tp_size", "cp_size"):
-        if dist_cfg.get(key) not in (None, 1):
-            raise UsageError(f"distributed.{key}={dist_cfg[key]}: only data parallelism (1)")
-    if dist_cfg.get("sequence_parallel"):
-        raise UsageError("distributed.sequence_parallel: not available; set it to false")
-    if world_size > 1 and strategy == "fsdp2" and cfg["vision_cache"]["enabled"]:
-        raise UsageError(
-            "vision_cache with distributed.strategy=fsdp2 would skip the sharded tower's "
-            "collectives on some ranks: use strategy ddp or turn the cache off"
-        )

@@ -1,20 +1,113 @@
 """What the VLM fine-tuning recipe reads from its config: sections, keys, types, defaults.
 
 ``resolve_config`` turns a loaded YAML into the config the recipe runs: the tutorial's layout
-translated, defaults filled in, every key and ``_target_`` checked before anything loads.
+translated, defaults filled in, every key, value and ``_target_`` checked before anything loads.
+The plain sections are the dataclasses of ``automodel/config/sections.py``; ``FinetuneConfig``
+holds them typed.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, fields
 
 from automodel.config.compat import DEFAULT_COLLATE, translate_seed_layout
+from automodel.config.sections import (
+    CheckpointConfig,
+    ClipGradNormConfig,
+    CompileConfig,
+    DataCheckConfig,
+    DistEnvConfig,
+    DistributedConfig,
+    EvalConfig,
+    FreezeConfig,
+    LrSchedulerConfig,
+    MLflowConfig,
+    PackingConfig,
+    PrecisionConfig,
+    PreviewConfig,
+    StepSchedulerConfig,
+    VisionCacheConfig,
+    WandbConfig,
+)
+from automodel.config.typed import Section
 from automodel.config.validate import Schema, validate_config
-from automodel.distributed.parallelize import STRATEGIES
 from automodel.errors import UsageError
+from automodel.eval.metrics import expand_metric_names, score_names
 from automodel.training.loggers import check_installed
 
 DEFAULT_PEFT = "automodel.peft.LoraConfig"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The recipe's plain sections, typed (the ``_target_`` sections stay in the config dict).
+
+    ``wandb`` and ``mlflow`` are ``None`` unless the config has them: their presence turns the
+    logger on.
+    """
+
+    step_scheduler: StepSchedulerConfig
+    lr_scheduler: LrSchedulerConfig
+    freeze_config: FreezeConfig
+    clip_grad_norm: ClipGradNormConfig
+    precision: PrecisionConfig
+    checkpoint: CheckpointConfig
+    distributed: DistributedConfig
+    dist_env: DistEnvConfig
+    vision_cache: VisionCacheConfig
+    compile: CompileConfig
+    packing: PackingConfig
+    data_check: DataCheckConfig
+    eval: EvalConfig
+    preview: PreviewConfig
+    wandb: WandbConfig | None
+    mlflow: MLflowConfig | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> FinetuneConfig:
+        """The typed sections of a config; absent sections take their defaults.
+
+        Raises:
+            UsageError: an unknown key or an invalid value, named.
+        """
+        built = {}
+        for name, section in PLAIN_SECTIONS.items():
+            node = cfg.get(name)
+            absent = node is None or (section.optional and not node)
+            built[name] = None if absent and section.optional else section.from_dict(node or {})
+        return cls(**built)
+
+    def to_dicts(self) -> dict[str, dict]:
+        """Every present section as a plain dict, defaults filled in (for ``config.yaml``)."""
+        return {
+            f.name: getattr(self, f.name).to_dict()
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+PLAIN_SECTIONS: dict[str, type[Section]] = {
+    section.section: section
+    for section in (
+        StepSchedulerConfig,
+        LrSchedulerConfig,
+        FreezeConfig,
+        ClipGradNormConfig,
+        PrecisionConfig,
+        CheckpointConfig,
+        DistributedConfig,
+        DistEnvConfig,
+        VisionCacheConfig,
+        CompileConfig,
+        PackingConfig,
+        DataCheckConfig,
+        EvalConfig,
+        PreviewConfig,
+        WandbConfig,
+        MLflowConfig,
+    )
+}
 
 SCHEMA = Schema(
     targets={
@@ -30,130 +123,62 @@ SCHEMA = Schema(
         "peft": False,
         "rng": False,
     },
-    plain={
-        "step_scheduler": {
-            "max_steps": (int, type(None)),
-            "num_epochs": (int, type(None)),
-            "global_batch_size": int,
-            "local_batch_size": int,
-            "log_every_steps": int,
-            "val_every_steps": (int, type(None)),
-            "val_batches": (int, type(None)),
-            "ckpt_every_steps": (int, type(None)),
-            "max_consecutive_nonfinite": int,
-            "eval_every_steps": (int, type(None)),
-        },
-        "lr_scheduler": {
-            "lr_warmup_steps": (int, float),
-            "lr_decay_style": str,
-            "min_lr": float,
-        },
-        "freeze_config": {
-            "freeze_vision_tower": bool,
-            "freeze_projector": bool,
-            "freeze_language_model": bool,
-            "freeze_embeddings": bool,
-        },
-        "clip_grad_norm": {"max_norm": (float, type(None))},
-        "precision": {"autocast": str, "fp32_attention_on_cpu": bool},
-        "checkpoint": {
-            "enabled": bool,
-            "checkpoint_dir": str,
-            "model_save_format": str,
-            "save_consolidated": bool,
-            "keep_last_n": (int, type(None)),
-            "restore_from": (str, type(None)),
-        },
-        "wandb": {
-            "project": (str, type(None)),
-            "entity": (str, type(None)),
-            "name": (str, type(None)),
-            "save_dir": (str, type(None)),
-            "group": (str, type(None)),
-            "tags": (list, type(None)),
-            "notes": (str, type(None)),
-            "mode": (str, type(None)),
-            "id": (str, type(None)),
-            "resume": (str, type(None)),
-        },
-        "mlflow": {
-            "experiment_name": (str, type(None)),
-            "run_name": (str, type(None)),
-            "tracking_uri": (str, type(None)),
-            "artifact_location": (str, type(None)),
-            "tags": (dict, type(None)),
-        },
-        "preview": {"num_samples": int, "max_new_tokens": int},
-        "eval": {
-            "metrics": (list, str, type(None)),
-            "max_samples": int,
-            "batch_size": int,
-            "max_new_tokens": int,
-            "best_metric": (str, type(None)),
-            "gallery_size": int,
-        },
-        "data_check": {"on_bad_sample": str, "max_bad_fraction": float},
-        "distributed": {
-            "strategy": str,
-            "dp_size": (int, str, type(None)),
-            "tp_size": int,
-            "cp_size": int,
-            "sequence_parallel": bool,
-            "activation_checkpointing": bool,
-            "param_dtype": (str, type(None)),
-            "reduce_dtype": (str, type(None)),
-            "cpu_offload": bool,
-        },
-        "dist_env": {"backend": (str, type(None)), "timeout_minutes": int},
-        "vision_cache": {
-            "enabled": bool,
-            "max_images": (int, type(None)),
-            "device": (str, type(None)),
-        },
-        "packing": {"enabled": bool, "pack_length": (int, type(None))},
-        "compile": {
-            "enabled": bool,
-            "mode": (str, type(None)),
-            "dynamic": (bool, type(None)),
-            "fullgraph": bool,
-            "backend": str,
-        },
-    },
+    plain=PLAIN_SECTIONS,
     top_level={"allowed_target_prefixes": list, "prepare": list},
+    docs={
+        "model": "`_target_: automodel.models.AutoModelForImageTextToText.from_pretrained`, "
+        "`pretrained_model_name_or_path`, `torch_dtype`, `attn_implementation`",
+        "processor": "optional; defaults to `AutoProcessor` of the model's path",
+        "dataset": "a builder: `make_cord_v2_dataset`, `make_image_text_dataset`, "
+        "`make_conversation_dataset` (OpenAI parts, LLaVA, ShareGPT), `make_vqa_dataset`, "
+        "`make_hf_dataset` (column mapping), all under `automodel.datasets.vlm` "
+        "(`path_or_dataset`, `split`, `image_size`, `limit`, `val_fraction` + `seed`); see "
+        "[datasets.md](datasets.md)",
+        "validation_dataset": "optional; a builder as for `dataset`",
+        "dataloader": "`torchdata.stateful_dataloader.StatefulDataLoader` kwargs and "
+        "`collate_fn` (`max_length`; `on_overlength`: `drop` (default) or `error` for a sample "
+        "that cannot fit without cutting image or all reply tokens); `group_by_length: true` "
+        "batches samples of similar length (less padding); with `num_workers` above 0 the "
+        "training loader keeps its workers across epochs (`persistent_workers` defaults to true)",
+        "validation_dataloader": "optional; as `dataloader` (the same loader class unless it "
+        "names one; the collate is `dataloader.collate_fn`)",
+        "optimizer": "any `torch.optim` class (default AdamW, `lr` 1e-5, `weight_decay` 0.01; "
+        "Adam and AdamW run `fused: true` unless the section sets `fused` or `foreach`); "
+        "`param_groups`: a list of `{match: REGEX, lr: ..., ...}` giving the parameters whose "
+        "name matches (first entry wins) their own options, e.g. "
+        "`[{match: projector, lr: 1e-4}]`; an entry that matches no trainable parameter "
+        "stops the run",
+        "loss_fn": "`automodel.loss.MaskedCrossEntropy` (default), "
+        "`automodel.loss.ChunkedCrossEntropy` (`chunk_size`, default: 64 MB of fp32 logits per "
+        "chunk: `lm_head` + cross-entropy a chunk of labelled positions at a time, never all "
+        "their full-vocabulary logits at once), `automodel.loss.LigerFusedLinearCrossEntropy` "
+        "(CUDA, `pip install liger-kernel`)",
+        "vision_loss": "`automodel.loss.alignment.ImageTextAlignmentLoss` (`weight`, default "
+        "0 = off; `temperature`): contrastive image / answer-text alignment on the projector "
+        "output, logged as `vision_loss` beside `language_loss`",
+        "peft": "optional LoRA through Hugging Face PEFT (`_target_` defaults to "
+        "`automodel.peft.LoraConfig`; NeMo's `PeftConfig` target maps to it): `r` (or NeMo's "
+        "`dim`), `alpha`, `dropout`, `target_modules` (globs on full module names such as "
+        '`"*.q_proj"`, or one regex), `exclude_modules`, `match_all_linear`, `use_dora`, '
+        "`use_rslora`, `qlora` (CUDA only). The default adapts every linear layer of the "
+        "language model and leaves the vision tower, projector and `lm_head` alone (a bare "
+        "`q_proj` would also match SigLIP, CLIP and Idefics3 vision layers)",
+        "rng": "`automodel.training.rng.StatefulRNG` (`seed`, default 42)",
+        "prepare": "a list of `_target_` calls run first (the quickstart builds its model and "
+        "data here)",
+        "allowed_target_prefixes": "module prefixes a `_target_` may resolve under besides "
+        "`automodel.`, `torch.`, `transformers.`, `peft.`, `datasets.` and `torchdata.`, e.g. "
+        "`[mypkg.]`",
+    },
 )
 
+# Defaults of the sections built from a _target_; the plain sections' live in their dataclasses.
 DEFAULTS = {
     "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader"},
     "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-5, "weight_decay": 0.01},
     "loss_fn": {"_target_": "automodel.loss.MaskedCrossEntropy"},
     "vision_loss": {"_target_": "automodel.loss.alignment.ImageTextAlignmentLoss", "weight": 0.0},
     "rng": {"_target_": "automodel.training.rng.StatefulRNG", "seed": 42},
-    "step_scheduler": {
-        "global_batch_size": 8,
-        "local_batch_size": 1,
-        "log_every_steps": 1,
-        "max_consecutive_nonfinite": 5,
-    },
-    "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "cosine", "min_lr": 0.0},
-    "freeze_config": {"freeze_vision_tower": True},
-    "clip_grad_norm": {"max_norm": 1.0},
-    "precision": {"autocast": "auto", "fp32_attention_on_cpu": True},
-    "checkpoint": {"enabled": True, "checkpoint_dir": "checkpoints", "keep_last_n": None},
-    "preview": {"num_samples": 0, "max_new_tokens": 128},
-    "eval": {
-        "metrics": None,
-        "max_samples": 32,
-        "batch_size": 8,
-        "max_new_tokens": 256,
-        "best_metric": None,
-        "gallery_size": 8,
-    },
-    "data_check": {"on_bad_sample": "error", "max_bad_fraction": 0.1},
-    "distributed": {"strategy": "fsdp2", "activation_checkpointing": False, "cpu_offload": False},
-    "dist_env": {"backend": None, "timeout_minutes": 10},
-    "vision_cache": {"enabled": False},
-    "packing": {"enabled": False},
-    "compile": {"enabled": False},
 }
 
 # Keys of the loader sections that the recipe reads itself (never passed to the loader).
@@ -164,7 +189,11 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
     """Translates the tutorial's layout, fills defaults and validates.
 
     Returns:
-        The resolved config and the notices to print.
+        The resolved config (every plain section with its defaults filled in) and the
+        notices to print.
+
+    Raises:
+        UsageError: the first unknown key or invalid value, named with its valid choices.
     """
     resolved = translate_seed_layout(copy.deepcopy(cfg))
     if isinstance(resolved.get("peft"), dict):
@@ -200,8 +229,21 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
             if not isinstance(value, LOADER_KEYS[key]):
                 raise UsageError(f"{section}.{key}={value!r} should be true or false")
         resolved[section].update(keys)
-    strategy = resolved["distributed"]["strategy"]
-    if strategy not in STRATEGIES:
-        raise UsageError(f"distributed.strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
+    typed = FinetuneConfig.from_config(resolved)
+    resolved.update(typed.to_dicts())
+    check_eval(typed.eval)
     check_installed(resolved)
     return resolved, notices
+
+
+def check_eval(settings: EvalConfig) -> None:
+    """The ``eval`` settings that can be checked without the dataset: metric names, and the
+    tracked score when the metrics are named."""
+    if settings.metrics is None:
+        return  # the dataset's own metrics: known once it is built
+    available = score_names(expand_metric_names(settings.metrics))
+    if settings.best_metric is not None and settings.best_metric not in available:
+        raise UsageError(
+            f"eval.best_metric: {settings.best_metric!r} is not one of {', '.join(available)} "
+            f"(the scores of eval.metrics {settings.metrics})"
+        )

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from automodel.datasets.checks import allowed_bad, check_policy
+from automodel.config.sections import DataCheckConfig
+from automodel.datasets.checks import allowed_bad
 from automodel.datasets.data_check import check_dataset, format_report
 from automodel.recipes.vlm.builders import (
     DATASET_SECTIONS,
@@ -37,16 +38,13 @@ def check_config(
         The exit code: 0 when every dataset is within the bad-sample policy, else 1.
     """
     run_prepare(cfg)
-    policy = cfg.get("data_check") or {}
-    on_bad_sample = policy.get("on_bad_sample", "error")
-    max_bad_fraction = policy.get("max_bad_fraction", 0.1)
-    check_policy(on_bad_sample, max_bad_fraction)
+    policy = DataCheckConfig.from_dict(cfg.get("data_check") or {})
     processor = build_processor(cfg)
     max_length = (cfg.get("dataloader") or {}).get("collate_fn", {}).get("max_length")
 
     report: dict[str, Any] = {
-        "on_bad_sample": on_bad_sample,
-        "max_bad_fraction": max_bad_fraction,
+        "on_bad_sample": policy.on_bad_sample,
+        "max_bad_fraction": policy.max_bad_fraction,
         "max_length": max_length,
         "datasets": {},
     }
@@ -56,7 +54,7 @@ def check_config(
             continue
         dataset = build_dataset(cfg, name)
         entry = check_dataset(dataset, name, processor, max_length, max_samples, seed)
-        allowed = allowed_bad(entry["num_samples"], on_bad_sample, max_bad_fraction)
+        allowed = allowed_bad(entry["num_samples"], policy)
         entry["allowed_bad"] = allowed
         entry["ok"] = entry["num_bad"] <= allowed
         ok = ok and entry["ok"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
 from automodel.eval.evaluate import EvalResult, default_out_dir, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names
@@ -51,9 +52,9 @@ def run_evaluation(
     Returns:
         The result and the folder it was written to.
     """
-    eval_cfg = cfg.get("eval") or {}
+    eval_cfg = EvalConfig.from_dict(cfg.get("eval") or {})
     # Checked before anything loads, so a misspelt metric costs no model load.
-    metrics = eval_cfg.get("metrics")
+    metrics = eval_cfg.metrics
     metrics = None if metrics is None else expand_metric_names(metrics)
     dataset, split_name = evaluation_dataset(cfg, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,9 +66,9 @@ def run_evaluation(
         dataset,
         metrics,
         max_samples=max_samples,
-        batch_size=batch_size or eval_cfg.get("batch_size", 8),
-        max_new_tokens=eval_cfg.get("max_new_tokens", 256),
-        keep_images=eval_cfg.get("gallery_size", 8),
+        batch_size=batch_size or eval_cfg.batch_size,
+        max_new_tokens=eval_cfg.max_new_tokens,
+        keep_images=eval_cfg.gallery_size,
         progress=True,
     )
     out = Path(out_dir) if out_dir is not None else default_out_dir(str(model_dir), split_name)

@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from automodel.config.loader import dump_yaml
+from automodel.config.sections import CheckpointConfig
 from automodel.distributed.env import (
     all_reduce_sum,
     barrier,
@@ -46,7 +47,7 @@ from automodel.recipes.vlm.builders import (
     extra_prefixes,
     run_prepare,
 )
-from automodel.recipes.vlm.config import resolve_config
+from automodel.recipes.vlm.config import FinetuneConfig, resolve_config
 from automodel.training.checkpoint import (
     FULL_ON_CPU,
     CheckpointManager,
@@ -75,71 +76,78 @@ RANK_STATE = ("dataloader", "rng", "dropped_samples")
 
 
 class FinetuneRecipeForVLM:
-    """One fine-tuning run, from a resolved config to ``final_model``."""
+    """One fine-tuning run, from a resolved config to ``final_model``.
+
+    ``self.cfg`` is the resolved config (saved as ``config.yaml``; the ``_target_`` sections are
+    built from it); ``self.sections`` holds its plain sections typed.
+    """
 
     def __init__(self, cfg: dict):
         self.cfg, self.notices = resolve_config(cfg)
+        self.sections = FinetuneConfig.from_config(self.cfg)
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, sections = self.cfg, self.sections
         return_freed_memory()
         print0("resolved config:\n" + dump_yaml(cfg))
         for notice in self.notices:
             print0(notice)
-        self.dist = init_distributed(**cfg["dist_env"])
+        self.dist = init_distributed(sections.dist_env)
         self.device = self.dist.device
-        self.setup_run_folder(cfg["checkpoint"])
+        self.setup_run_folder(sections.checkpoint)
         self.rng = build(cfg, "rng")
         run_prepare(cfg, self.dist.local_rank)
 
-        self.model = build_model(cfg, self.device)
-        self.vision_cache = build_vision_cache(self.model, **cfg["vision_cache"])
-        compile_model(self.model, **cfg["compile"])
+        self.model = build_model(cfg, sections.freeze_config, self.device)
+        self.vision_cache = build_vision_cache(self.model, sections.vision_cache)
+        compile_model(self.model, sections.compile)
         self.processor = build_processor(cfg)
         self.collate = build_collate(cfg, self.processor)
         self.feed = BatchFeed(self.collate, self.dist.world_size)
         self.loss_fn = build(cfg, "loss_fn")
         self.vision_loss = build(cfg, "vision_loss", self.model)  # weight 0: loss unchanged
         self.train_module = build_train_module(
-            cfg, self.model, self.loss_fn, self.vision_loss, self.feed, self.device
+            sections, self.model, self.loss_fn, self.vision_loss, self.feed, self.device
         )
-        self.local_batch_size = cfg["step_scheduler"]["local_batch_size"]
-        self.grad_accum = build_grad_accum(cfg, self.dist.world_size)
+        steps = sections.step_scheduler
+        self.local_batch_size = steps.local_batch_size
+        self.grad_accum = build_grad_accum(steps, self.dist.world_size)
         self.setup_data()
-        self.max_steps = build_max_steps(cfg, len(self.train_dataset))
+        self.max_steps = build_max_steps(steps, len(self.train_dataset))
         self.optimizer = build_optimizer(
             cfg["optimizer"], self.model, extra_prefixes=extra_prefixes(cfg)
         )
         self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, self.max_steps, **cfg["lr_scheduler"]
+            self.optimizer, self.max_steps, sections.lr_scheduler
         )
-        self.autocast_dtype = apply_precision(self.model, cfg["precision"], self.device)
-        self.guard = NonFiniteGuard(cfg["step_scheduler"]["max_consecutive_nonfinite"])
+        self.autocast_dtype = apply_precision(self.model, sections.precision, self.device)
+        self.guard = NonFiniteGuard(steps.max_consecutive_nonfinite)
         self.step = 0
         self.data_wait = DataWait(cfg["dataloader"].get("num_workers", 0))
         self.window = LogWindow(self.device)
         self.setup_logging()
 
-    def setup_run_folder(self, ckpt_cfg: dict) -> None:
+    def setup_run_folder(self, checkpoint: CheckpointConfig) -> None:
         """The run's folder (``checkpoint_dir``), its checkpoints, the one to resume from, and
         the resolved config saved there."""
-        self.out_dir = check_writable(ckpt_cfg["checkpoint_dir"])
+        self.out_dir = check_writable(checkpoint.checkpoint_dir)
         self.checkpoints = CheckpointManager(
-            self.out_dir, ckpt_cfg.get("keep_last_n"), ckpt_cfg.get("enabled", True)
+            self.out_dir, checkpoint.keep_last_n, checkpoint.enabled
         )
-        self.resume_dir = self.checkpoints.find_resume(ckpt_cfg.get("restore_from"))
+        self.resume_dir = self.checkpoints.find_resume(checkpoint.restore_from)
         if self.dist.is_main:
             save_config(self.cfg, self.out_dir)
 
     def setup_data(self) -> None:
         """The training and validation datasets (screened for bad samples) and their loaders."""
-        self.train_dataset = build_dataset(self.cfg, "dataset", screen_dir=self.out_dir)
+        policy = self.sections.data_check
+        self.train_dataset = build_dataset(self.cfg, "dataset", screen_dir=self.out_dir, policy=policy)
         self.train_loader = self.build_dataloader(self.train_dataset, train=True)
         self.val_dataset = self.val_loader = None
         if self.cfg.get("validation_dataset"):
             self.val_dataset = build_dataset(
-                self.cfg, "validation_dataset", screen_dir=self.out_dir
+                self.cfg, "validation_dataset", screen_dir=self.out_dir, policy=policy
             )
             self.val_loader = self.build_dataloader(self.val_dataset, train=False)
 
@@ -162,8 +170,8 @@ class FinetuneRecipeForVLM:
         sinks = build_sinks(self.cfg, self.out_dir, start)
         self.logger = MetricsLogger(self.out_dir, self.max_steps, start, sinks)
         self.evaluator = build_periodic_evaluator(
-            self.cfg["eval"],
-            self.cfg["step_scheduler"].get("eval_every_steps"),
+            self.sections.eval,
+            self.sections.step_scheduler.eval_every_steps,
             self.processor,
             self.val_dataset,
             self.out_dir,
@@ -196,7 +204,7 @@ class FinetuneRecipeForVLM:
 
     def train_steps(self, sigterm: StopOnSigterm) -> None:
         """The loop: one optimizer step at a time until ``max_steps`` or a stop request."""
-        steps = self.cfg["step_scheduler"]
+        steps = self.sections.step_scheduler
         batches = self.feed.batches(self.train_loader, self.step > 0, self.logger.write)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.val_loader is not None and self.step == 0:
@@ -208,17 +216,17 @@ class FinetuneRecipeForVLM:
             step = self.step
             grad_norm = self.train_step(batches, trainable)
             self.logger.advance()
-            if step % steps["log_every_steps"] == 0 or step == self.max_steps:
+            if step % steps.log_every_steps == 0 or step == self.max_steps:
                 self.log_window(step, grad_norm)
             val_loss = None
-            val_every = steps.get("val_every_steps")
+            val_every = steps.val_every_steps
             if self.val_loader is not None and (
                 step == self.max_steps or self.is_due(step, val_every)
             ):
                 val_loss = self.validate_and_log(step)
             is_best = self.evaluate(step)
             stop = first_on_any_rank(stop_reason(sigterm, self.guard))
-            if stop or is_best or self.is_due(step, steps.get("ckpt_every_steps")):
+            if stop or is_best or self.is_due(step, steps.ckpt_every_steps):
                 self.save_checkpoint(step, val_loss, is_best)  # a new best eval score: BEST
             if stop:
                 hint = self.checkpoints.resume_hint(step)
@@ -243,7 +251,7 @@ class FinetuneRecipeForVLM:
                 loss.backward()
             step_loss += loss.detach()
         step_loss = all_reduce_sum(step_loss) / self.dist.world_size
-        max_norm = self.cfg["clip_grad_norm"]["max_norm"] or float("inf")
+        max_norm = self.sections.clip_grad_norm.max_norm or float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         if self.guard.check(step_loss, grad_norm):
             self.optimizer.step()
@@ -298,7 +306,7 @@ class FinetuneRecipeForVLM:
     def validate(self) -> dict:
         """Token-weighted loss over the validation set (or its first ``val_batches``)."""
         self.model.eval()
-        limit = self.cfg["step_scheduler"].get("val_batches")
+        limit = self.sections.step_scheduler.val_batches
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         for batch in self.feed.validation_batches(self.val_loader, limit):
@@ -377,7 +385,14 @@ class FinetuneRecipeForVLM:
         model = self.unsharded_model()
         if self.dist.is_main:
             model = save_final(model, self.processor, self.out_dir)
-            preview(model, self.processor, self.val_dataset, **self.cfg["preview"])
+            settings = self.sections.preview
+            preview(
+                model,
+                self.processor,
+                self.val_dataset,
+                settings.num_samples,
+                settings.max_new_tokens,
+            )
         barrier()
         return self.out_dir / "final_model"
 
@@ -392,7 +407,7 @@ class FinetuneRecipeForVLM:
         state = get_model_state_dict(self.model, options=FULL_ON_CPU)
         if not self.dist.is_main:
             return None
-        model = build_model(self.cfg, train=False)
+        model = build_model(self.cfg)  # unfrozen, as the weights it receives
         model.load_state_dict(state, strict=True)
         return model
 

@@ -75,7 +75,7 @@ configs:
 
 # Synthetic receipts (CORD-v2 layout)
 
-Generated offline by `automodel.datasets.vlm.make_receipts(seed={seed})`; nothing here comes
+Generated offline by `automodel.demo.receipts.make_receipts(seed={seed})`; nothing here comes
 from the real CORD-v2 receipts. The folder has the same layout and columns as the hub dataset
 `naver-clova-ix/cord-v2`, so `datasets.load_dataset("<this folder>", split="validation")` and
 `make_cord_v2_dataset("<this folder>")` read it in place of the hub copy.

@@ -23,10 +23,13 @@ import datasets
 import torch
 
 from automodel import artifacts
+from automodel.config.sections import LrSchedulerConfig
 from automodel.datasets.vlm.base import load_image
 from automodel.datasets.vlm.sources import load_folder_split
 from automodel.errors import UsageError
-from automodel.models.tiny import save_twin
+from automodel.training.optim import build_optimizer
+from automodel.training.schedule import build_lr_scheduler
+from automodel.twins.common import save_twin
 
 _PAD = "\0"
 _TOKEN_FEATURES = 32
@@ -155,7 +158,8 @@ def teach_tower_to_read(
         data_dir: receipts in CORD-v2's layout (``make_receipts``); only ``train`` is trained
             on (``validation``, when present, is only scored).
         out_dir: where the twin with the trained tower is written.
-        steps: optimizer steps (AdamW; linear warmup over the first 5%, then cosine decay to zero).
+        steps: optimizer steps (AdamW from ``build_optimizer``; ``build_lr_scheduler``'s linear
+            warmup over the first 5%, then cosine decay to zero).
         batch_size: receipts per step.
         lr: peak learning rate.
         max_lines: menu lines read per receipt (extra lines are ignored).
@@ -231,15 +235,22 @@ def teach_tower_to_read(
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    heads = [*head.parameters(), *cell_head.parameters()]
-    optimizer = torch.optim.AdamW([*trained, *heads], lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        ),
+    # The fine-tune's own optimizer and schedule builders, over the tower, projector and heads.
+    learners = torch.nn.ModuleDict(
+        {
+            "vision_tower": base.vision_tower,
+            "multi_modal_projector": base.multi_modal_projector,
+            "head": head,
+            "cell_head": cell_head,
+        }
     )
+    optimizer = build_optimizer(
+        {"_target_": "torch.optim.AdamW", "lr": lr, "weight_decay": 0.0},
+        learners,
+        where="teach_tower_to_read.optimizer",
+    )
+    warmup = LrSchedulerConfig(lr_warmup_steps=max(1, steps // 20))
+    schedule = build_lr_scheduler(optimizer, steps, warmup)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     order = torch.randperm(len(truths), generator=generator)

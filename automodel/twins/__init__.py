@@ -1,0 +1,76 @@
+"""Tiny, randomly initialised twins of real vision-language model families.
+
+A twin uses the real model, processor and chat template classes of its family, with sizes small
+enough to fine-tune on a CPU in minutes. It is written as an ordinary Hugging Face folder, so every
+code path that loads a hub checkpoint (``AutoModelForImageTextToText``, ``AutoProcessor``) loads it
+unchanged, with no network access.
+
+Twins are fixtures and demo material, not part of the training runtime: only the CLI's
+``models make-tiny``, the examples' ``prepare:`` steps, tests and benchmarks import this package.
+
+- ``corpus.py``: the built-in tokenizer training corpus;
+- ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
+- ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
+- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``): its
+  configs, special tokens and chat template. A new family registers its builder in
+  ``TWIN_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from automodel import artifacts
+from automodel.errors import UsageError
+from automodel.twins.gemma3 import build_gemma3
+from automodel.twins.idefics3 import build_idefics3, build_smolvlm
+from automodel.twins.llava import build_llava, build_llava_siglip
+from automodel.twins.paligemma import build_paligemma
+from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
+
+__all__ = ["TWIN_FAMILIES", "make_tiny"]
+
+# family name -> builder(out_dir, seed, **overrides), which writes the twin into out_dir.
+TWIN_FAMILIES: dict[str, Callable[..., None]] = {
+    "gemma3": build_gemma3,
+    "paligemma": build_paligemma,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "smolvlm": build_smolvlm,
+    "idefics3": build_idefics3,
+    "llava": build_llava,
+    "llava_siglip": build_llava_siglip,
+}
+
+
+def make_tiny(
+    family: str, out_dir: str | Path, seed: int = 0, reuse: bool = False, **overrides: Any
+) -> Path:
+    """Write a tiny, randomly initialised twin of a real VLM family as a Hugging Face folder.
+
+    Args:
+        family: One of `TWIN_FAMILIES` (e.g. ``"gemma3"``).
+        out_dir: Folder to write into; created if needed, existing files of the same names are
+            overwritten.
+        seed: Seed for the random weights. The same seed gives byte-identical files.
+        reuse: Return ``out_dir`` untouched when it already holds a twin built with the same
+            family, seed and overrides.
+        **overrides: Size settings replacing the family's defaults (e.g. ``hidden_size=128``,
+            ``num_hidden_layers=2``, ``image_size=64``, ``vocab_size=1024``).
+
+    Returns:
+        The folder, loadable with ``AutoModelForImageTextToText.from_pretrained`` and
+        ``AutoProcessor.from_pretrained``.
+    """
+    if family not in TWIN_FAMILIES:
+        raise UsageError(f"unknown tiny model family {family!r}; known: {', '.join(TWIN_FAMILIES)}")
+    out = Path(out_dir)
+    params = {"family": family, "seed": seed, "code": artifacts.code_version(__name__), **overrides}
+    if reuse and artifacts.is_built(out, "tiny-model", params):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    TWIN_FAMILIES[family](out, seed, **overrides)
+    artifacts.mark_built(out, "tiny-model", params)
+    return out

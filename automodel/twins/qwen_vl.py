@@ -1,0 +1,176 @@
+"""Qwen2-VL and Qwen2.5-VL twins: dynamic resolution, mRoPE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from automodel.twins.common import (
+    SMALL_TEXT,
+    SMALL_VISION,
+    check_heads,
+    generation_config,
+    init_model,
+    require,
+    resolve_sizes,
+    save_twin,
+)
+from automodel.twins.tokenizer import token_id, train_tokenizer, wrap_tokenizer
+
+QWEN_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL-Instruct's chat template, with each assistant reply and its <|im_end|>
+# wrapped in {% generation %} (the "\n" after it stays outside).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>{% endgeneration %}\n"
+    "{% elif message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_VL_DEFAULTS: dict[str, Any] = {
+    **SMALL_TEXT,
+    # mRoPE splits the rotary half-dimension (head_dim / 2 = 16) into temporal, height and
+    # width sections; they must sum to it.
+    "mrope_section": [4, 6, 6],
+    **SMALL_VISION,
+    "patch_size": 14,
+    # Dynamic resolution: an image becomes between min_pixels and max_pixels pixels, one token
+    # per 28x28 (2x2 merged 14-pixel patches): 4 to 16 tokens here.
+    "min_pixels": 4 * 28 * 28,
+    "max_pixels": 16 * 28 * 28,
+}
+
+
+def _qwen_text_kwargs(sizes: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict:
+    check_heads(sizes, "hidden_size", "num_attention_heads")
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    require(
+        sum(sizes["mrope_section"]) * 2 == head_dim,
+        f"mrope_section={sizes['mrope_section']} must sum to head_dim / 2 = {head_dim // 2}",
+    )
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes["hidden_size"],
+        "intermediate_size": sizes["intermediate_size"],
+        "num_hidden_layers": sizes["num_hidden_layers"],
+        "num_attention_heads": sizes["num_attention_heads"],
+        "num_key_value_heads": sizes["num_key_value_heads"],
+        "max_position_embeddings": sizes["max_position_embeddings"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": list(sizes["mrope_section"]),
+        },
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
+    import transformers as tf
+
+    sizes = resolve_sizes(family, QWEN_VL_DEFAULTS, overrides)
+    check_heads(sizes, "vision_hidden_size", "vision_num_attention_heads")
+    raw = train_tokenizer(QWEN_VL_SPECIAL_TOKENS, sizes["vocab_size"])
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    text = _qwen_text_kwargs(sizes, tokenizer)
+    vision = {
+        "depth": sizes["vision_num_hidden_layers"],
+        "num_heads": sizes["vision_num_attention_heads"],
+        "patch_size": sizes["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        text_config = tf.Qwen2_5_VLTextConfig(**text)
+        vision_config = tf.Qwen2_5_VLVisionConfig(
+            **vision,
+            hidden_size=sizes["vision_hidden_size"],
+            intermediate_size=sizes["vision_intermediate_size"],
+            out_hidden_size=sizes["hidden_size"],
+            # Window attention in every block but the last, as in the real model.
+            window_size=112,
+            fullatt_block_indexes=[sizes["vision_num_hidden_layers"] - 1],
+        )
+        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
+        processor_cls = tf.Qwen2_5_VLProcessor
+    else:
+        text_config = tf.Qwen2VLTextConfig(**text)
+        vision_config = tf.Qwen2VLVisionConfig(
+            **vision,
+            embed_dim=sizes["vision_hidden_size"],
+            mlp_ratio=sizes["vision_intermediate_size"] // sizes["vision_hidden_size"],
+            hidden_size=sizes["hidden_size"],
+        )
+        config_cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
+        processor_cls = tf.Qwen2VLProcessor
+    config = config_cls(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
+    )
+    config.dtype = torch.float32
+    model = init_model(lambda: model_cls(config), seed)
+    pixels = {"min_pixels": sizes["min_pixels"], "max_pixels": sizes["max_pixels"]}
+    processor = processor_cls(
+        image_processor=tf.Qwen2VLImageProcessor(patch_size=sizes["patch_size"], **pixels),
+        video_processor=tf.Qwen2VLVideoProcessor(patch_size=sizes["patch_size"], **pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    stops = ["<|im_end|>", "<|endoftext|>"]
+    save_twin(model, processor, out_dir, generation_config(tokenizer, stops))
+
+
+def build_qwen2_vl(out_dir: Path, seed: int, **overrides: Any) -> None:
+    build_qwen_vl(out_dir, seed, "qwen2_vl", **overrides)
+
+
+def build_qwen2_5_vl(out_dir: Path, seed: int, **overrides: Any) -> None:
+    build_qwen_vl(out_dir, seed, "qwen2_5_vl", **overrides)
