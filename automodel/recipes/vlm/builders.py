@@ -66,9 +66,7 @@ def build_processor(cfg: dict):
     return load_processor(cfg["model"]["pretrained_model_name_or_path"])
 
 
-def build_model(
-    cfg: dict, freeze: FreezeConfig | None = None, device: torch.device | None = None
-):
+def build_model(cfg: dict, freeze: FreezeConfig | None = None, device: torch.device | None = None):
     """The ``model`` section with LoRA (``peft``) applied.
 
     Args:

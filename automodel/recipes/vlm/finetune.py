@@ -142,7 +142,9 @@ class FinetuneRecipeForVLM:
     def setup_data(self) -> None:
         """The training and validation datasets (screened for bad samples) and their loaders."""
         policy = self.sections.data_check
-        self.train_dataset = build_dataset(self.cfg, "dataset", screen_dir=self.out_dir, policy=policy)
+        self.train_dataset = build_dataset(
+            self.cfg, "dataset", screen_dir=self.out_dir, policy=policy
+        )
         self.train_loader = self.build_dataloader(self.train_dataset, train=True)
         self.val_dataset = self.val_loader = None
         if self.cfg.get("validation_dataset"):
