@@ -14,9 +14,9 @@ from PIL import Image
 
 from automodel.config.sections import DataCheckConfig
 from automodel.datasets.checks import ScreenedDataset, screen_dataset
-from automodel.datasets.data_check import check_config
 from automodel.datasets.vlm import make_conversation_dataset, make_image_text_dataset
 from automodel.errors import UsageError
+from automodel.recipes.vlm.data_check import check_config
 from tests.conftest import ROOT, run_cli
 
 SKIP = DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.6)

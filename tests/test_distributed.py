@@ -305,3 +305,56 @@ def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mix
         **_mixed(False),
     )
     _close(_train(one, 1, tmp_path), _train(two, 2, tmp_path))
+
+
+def _image_conversations(path: Path, order: list[int]) -> dict:
+    """16 conversations, each with an image, written in ``order``; unshuffled."""
+    images = sorted((ROOT / "examples/data/conversation/images").iterdir())[:8] * 2
+    lines = []
+    for i in order:
+        user = [{"type": "image", "image": str(images[i])}, {"type": "text", "text": "Shape?"}]
+        reply = [{"type": "text", "text": f"It is {images[i].stem.replace('_', ' ')} {i}."}]
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        lines.append(json.dumps({"messages": messages}) + "\n")
+    path.write_text("".join(lines))
+    return {
+        "_target_": "automodel.datasets.vlm.make_conversation_dataset",
+        "path_or_dataset": str(path),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_vision_loss_with_two_ranks_matches_one_process(strategy, tiny_gemma3, tmp_path):
+    """The alignment loss is computed inside the data-parallel module, so it trains with 2 ranks.
+
+    It contrasts the samples of one micro-batch, so the single process reads the same
+    micro-batches: in step k, rank 0 holds samples 4k and 4k+2, rank 1 4k+1 and 4k+3, and the
+    one process's file lists them in that order.
+    """
+    weighted = {"vision_loss__weight": 0.5, "dataloader__shuffle": False}
+    ranks_order = list(range(16))
+    one_order = [4 * k + j for k in range(4) for j in (0, 2, 1, 3)]
+    one_data = _image_conversations(tmp_path / "one.jsonl", one_order)
+    two_data = _image_conversations(tmp_path / "two.jsonl", ranks_order)
+    one = _config(tmp_path / "one.yaml", tiny_gemma3, one_data, tmp_path / "one", **weighted)
+    two = _config(
+        tmp_path / "two.yaml",
+        tiny_gemma3,
+        two_data,
+        tmp_path / "two",
+        distributed__strategy=strategy,
+        **weighted,
+    )
+    _close(_train(one, 1, tmp_path), _train(two, 2, tmp_path))
+    records = {
+        name: [json.loads(x) for x in (tmp_path / name / "training.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    for part in ("language_loss", "vision_loss"):
+        one_part = [r[part] for r in records["one"]]
+        assert max(abs(a - b) for a, b in zip(one_part, [r[part] for r in records["two"]])) < TOL
+    final, one_final = (
+        _weights(tmp_path / "two/final_model"),
+        _weights(tmp_path / "one/final_model"),
+    )
+    assert max((final[k] - one_final[k]).abs().max().item() for k in final) < TOL

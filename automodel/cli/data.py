@@ -63,8 +63,8 @@ def run_check(ns, overrides: list[str]) -> int:
     if not ns.max_samples.isdigit():
         raise UsageError(f"--max-samples {ns.max_samples}: give a whole number")
     config = config_path(ns)
-    from automodel.datasets.data_check import check_config
     from automodel.recipes.vlm.config import resolve_config
+    from automodel.recipes.vlm.data_check import check_config
 
     resolved, _ = resolve_config(load(config, overrides))
     quiet_libraries()

@@ -53,8 +53,9 @@ def run_evaluate(ns, overrides: list[str]) -> int:
     max_samples = positive("--max-samples", ns.max_samples)
     batch_size = positive("--batch-size", ns.batch_size)
     config = config_path(ns)
-    from automodel.eval.runner import markdown_table, run_evaluation
+    from automodel.eval.evaluate import markdown_table
     from automodel.recipes.vlm.config import resolve_config
+    from automodel.recipes.vlm.evaluate import run_evaluation
 
     resolved, _ = resolve_config(load(config, overrides))
     quiet_libraries()

@@ -1,86 +1,24 @@
-"""``automodel data check``: what a config's data looks like to the model, before a long run.
+"""``automodel data check``'s scan of one dataset: what its data looks like to the model.
 
-For each of ``dataset`` and ``validation_dataset``: the sample count, every bad sample with its
-``file:line`` (or row) and reason, and histograms of text and image-token lengths as the collate
-renders them (the processor's chat template), with the share over
-``dataloader.collate_fn.max_length``. The exit code says whether training would start:
-non-zero when a dataset has more bad samples than ``data_check`` tolerates.
+The sample count, every bad sample with its ``file:line`` (or row) and reason, and histograms of
+text and image-token lengths as the collate renders them (the processor's chat template), with
+the share over ``dataloader.collate_fn.max_length``; ``format_report`` writes the report as
+text. ``recipes/vlm/data_check.py`` builds a config's datasets and calls these.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from automodel.config.instantiate import instantiate
-from automodel.config.sections import DataCheckConfig
 from automodel.datasets import collate
-from automodel.datasets.checks import (
-    BadSample,
-    allowed_bad,
-    sample_location,
-    scan_dataset,
-)
+from automodel.datasets.checks import BadSample, sample_location, scan_dataset
 from automodel.loss.masked_ce import IGNORE_INDEX
 
-SECTIONS = ("dataset", "validation_dataset")
 BAR = 30
-
-
-def check_config(
-    cfg: dict, max_samples: int = 1000, json_path: str | Path | None = None, seed: int = 0
-) -> int:
-    """Check the data of a resolved fine-tuning config and print the report.
-
-    Args:
-        cfg: the resolved config (``resolve_config``): its ``prepare``, ``processor`` /
-            ``model``, ``dataset``, ``validation_dataset``, ``dataloader.collate_fn`` and
-            ``data_check`` sections are read.
-        max_samples: token lengths are measured on at most this many samples per dataset (a
-            seeded random subset); ``0`` measures every sample. Bad samples are always scanned
-            for in full.
-        json_path: also write the report as JSON here.
-        seed: the subset's seed.
-
-    Returns:
-        The exit code: 0 when every dataset is within the bad-sample policy, else 1.
-    """
-    extra = tuple(cfg.get("allowed_target_prefixes") or ())
-    for i, node in enumerate(cfg.get("prepare") or []):
-        instantiate(node, where=f"prepare[{i}]", extra_prefixes=extra)
-    policy = DataCheckConfig.from_dict(cfg.get("data_check") or {})
-    processor = _processor(cfg, extra)
-    max_length = (cfg.get("dataloader") or {}).get("collate_fn", {}).get("max_length")
-
-    report: dict[str, Any] = {
-        "on_bad_sample": policy.on_bad_sample,
-        "max_bad_fraction": policy.max_bad_fraction,
-        "max_length": max_length,
-        "datasets": {},
-    }
-    ok = True
-    for name in SECTIONS:
-        if not cfg.get(name):
-            continue
-        dataset = instantiate(cfg[name], where=name, extra_prefixes=extra)
-        entry = check_dataset(dataset, name, processor, max_length, max_samples, seed)
-        allowed = allowed_bad(entry["num_samples"], policy)
-        entry["allowed_bad"] = allowed
-        entry["ok"] = entry["num_bad"] <= allowed
-        ok = ok and entry["ok"]
-        report["datasets"][name] = entry
-    report["ok"] = ok
-    print(format_report(report))
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"report written to {json_path}")
-    return 0 if ok else 1
 
 
 def check_dataset(
@@ -102,33 +40,19 @@ def check_dataset(
     start = time.perf_counter()
     good, bad = scan_dataset(dataset, name)
     scan_seconds = time.perf_counter() - start
-    if max_samples and len(good) > max_samples:
-        rng = np.random.default_rng(seed)
-        chosen = sorted(rng.choice(len(good), size=max_samples, replace=False).tolist())
-        measure = [good[i] for i in chosen]
-    else:
-        measure = list(good)
+    measure = _subset(good, max_samples, seed)
     image_ids = torch.tensor(collate.image_token_ids(processor))
-    # The collate's own per-sample verdict (special tokens in text, images in replies ...).
-    collate_problem = getattr(collate, "sample_problem", None)
     text, images, totals, labels = [], [], [], []
     start = time.perf_counter()
     for i in measure:
-        try:
-            conversation = dataset[i]["conversation"]
-            problem = collate_problem(conversation, processor) if collate_problem else None
-            batch = None if problem else collate.render_batch([conversation], processor)
-        except Exception as exc:  # noqa: BLE001 - one sample's failure is reported, not fatal
-            problem = str(exc) if exc.__class__.__name__ == "BadSampleError" else repr(exc)
-        if problem:
-            bad.append(BadSample(name, sample_location(dataset, i, name), problem, "decode"))
+        lengths = _measure(dataset, i, processor, image_ids)
+        if isinstance(lengths, str):
+            bad.append(BadSample(name, sample_location(dataset, i, name), lengths, "decode"))
             continue
-        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
-        n_image = int(torch.isin(ids, image_ids).sum())
-        totals.append(len(ids))
-        images.append(n_image)
-        text.append(len(ids) - n_image)
-        labels.append(int((batch["labels"][0] != IGNORE_INDEX).sum()))
+        totals.append(lengths[0])
+        images.append(lengths[1])
+        text.append(lengths[0] - lengths[1])
+        labels.append(lengths[2])
     prepare_seconds = time.perf_counter() - start
     over = sum(t > max_length for t in totals) if max_length is not None else 0
     return {
@@ -147,6 +71,33 @@ def check_dataset(
         # what one DataLoader worker delivers, to set against the training loop's samples/s.
         "samples_per_s": round(len(totals) / prepare_seconds, 2) if totals else None,
     }
+
+
+def _subset(good: list[int], max_samples: int, seed: int) -> list[int]:
+    """At most ``max_samples`` of the indices ``good``, a seeded random subset in order."""
+    if max_samples and len(good) > max_samples:
+        rng = np.random.default_rng(seed)
+        chosen = sorted(rng.choice(len(good), size=max_samples, replace=False).tolist())
+        return [good[i] for i in chosen]
+    return list(good)
+
+
+def _measure(dataset: Any, i: int, processor: Any, image_ids: torch.Tensor) -> tuple | str:
+    """Sample ``i`` rendered as the collate renders it: its (total, image, label) token
+    counts, or why it cannot be trained on."""
+    # The collate's own per-sample verdict (special tokens in text, images in replies ...).
+    collate_problem = getattr(collate, "sample_problem", None)
+    try:
+        conversation = dataset[i]["conversation"]
+        problem = collate_problem(conversation, processor) if collate_problem else None
+        batch = None if problem else collate.render_batch([conversation], processor)
+    except Exception as exc:  # noqa: BLE001 - one sample's failure is reported, not fatal
+        problem = str(exc) if exc.__class__.__name__ == "BadSampleError" else repr(exc)
+    if problem:
+        return problem
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    n_image = int(torch.isin(ids, image_ids).sum())
+    return len(ids), n_image, int((batch["labels"][0] != IGNORE_INDEX).sum())
 
 
 def summarize(values: list[int], bins: int = 10) -> dict[str, Any]:
@@ -227,11 +178,3 @@ def _histogram_lines(title: str, stats: dict[str, Any]) -> list[str]:
         bar = "#" * round(BAR * count / peak) if peak else ""
         lines.append(f"  {int(lo):>6}-{int(np.ceil(hi)) - 1:<6} {bar:<{BAR}} {count}")
     return lines
-
-
-def _processor(cfg: dict, extra: tuple[str, ...]) -> Any:
-    from automodel.models.auto import load_processor
-
-    if cfg.get("processor"):
-        return instantiate(cfg["processor"], where="processor", extra_prefixes=extra)
-    return load_processor(cfg["model"]["pretrained_model_name_or_path"])

@@ -12,6 +12,7 @@ model for the last assistant turn of each, and scores the replies against it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from automodel.errors import UsageError
 from automodel.eval.metrics import compute_metrics, expand_metric_names
 from automodel.generation import generate_replies, prompt_messages, reply_text
+from automodel.paths import is_local_path
 
 FALLBACK_METRICS = "vqa"
 
@@ -67,6 +69,26 @@ def _prompt_text(messages: list[dict]) -> str:
     return reply_text(users[-1]) if users else ""
 
 
+def _prompt_and_record(dataset, index: int, keep_images: int) -> tuple[list[dict], dict]:
+    """Sample ``index``'s prompt (every turn before the last) and its record: index, prompt
+    text, reference (the last assistant turn), and its image if ``index < keep_images``."""
+    conversation = dataset[index]["conversation"]
+    if conversation[-1]["role"] != "assistant":
+        raise UsageError(
+            f"evaluation sample {index} ends with a {conversation[-1]['role']} turn: "
+            "each sample needs an assistant answer to score the reply against"
+        )
+    prompt = prompt_messages(conversation)
+    record = {
+        "index": index,
+        "prompt": _prompt_text(prompt),
+        "reference": reply_text(conversation[-1]),
+    }
+    if index < keep_images:
+        record["image"] = _first_image(prompt)
+    return prompt, record
+
+
 def evaluate(
     model,
     processor,
@@ -111,20 +133,7 @@ def evaluate(
             # Samples are read one batch at a time so only a batch of images is ever decoded.
             batch = []
             for index in range(start, min(start + batch_size, count)):
-                conversation = dataset[index]["conversation"]
-                if conversation[-1]["role"] != "assistant":
-                    raise UsageError(
-                        f"evaluation sample {index} ends with a {conversation[-1]['role']} turn: "
-                        "each sample needs an assistant answer to score the reply against"
-                    )
-                prompt = prompt_messages(conversation)
-                record = {
-                    "index": index,
-                    "prompt": _prompt_text(prompt),
-                    "reference": reply_text(conversation[-1]),
-                }
-                if index < keep_images:
-                    record["image"] = _first_image(prompt)
+                prompt, record = _prompt_and_record(dataset, index, keep_images)
                 batch.append(prompt)
                 records.append(record)
             predictions += generate_replies(
@@ -176,6 +185,16 @@ def write_outputs(result: EvalResult, out_dir: str | Path, **meta: Any) -> Path:
     }
     _write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str) + "\n")
     return out
+
+
+def default_out_dir(model: str, split: str) -> Path:
+    """Where ``automodel evaluate`` writes: beside a local model folder
+    (``checkpoints/final_model`` -> ``checkpoints/eval_<split>``); ``./eval_<split>`` for a hub
+    id."""
+    name = "eval_" + re.sub(r"[^\w.-]+", "_", split).strip("_")
+    if is_local_path(model):
+        return Path(model).expanduser().resolve().parent / name
+    return Path(name)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -60,6 +60,10 @@ class ImageTextAlignmentLoss:
             input_ids: ``[B, T]``.
             labels: ``[B, T]``, ``-100`` outside the replies.
         """
+        with torch.autocast(embeds.device.type, enabled=False):  # fp32, as the loss outside
+            return self._alignment(embeds, input_ids, labels)
+
+    def _alignment(self, embeds: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
         is_image = (input_ids == self.placeholder_id).unsqueeze(-1)  # [B, T, 1]
         is_reply = (labels != IGNORE_INDEX).unsqueeze(-1)
         usable = is_image.any(1).squeeze(-1) & is_reply.any(1).squeeze(-1)  # [B]
@@ -110,15 +114,32 @@ class ImageTextAlignmentLoss:
         self._sums[name] = self._sums[name] + value * share
         self._weights[name] = self._weights[name] + share.detach()
 
-    def metrics(self) -> dict[str, float]:
-        """Mean ``language_loss`` and ``vision_loss`` since the last call (empty at weight 0)."""
+    def metrics(self, reduce=None, device: torch.device | None = None) -> dict[str, float]:
+        """Mean ``language_loss`` and ``vision_loss`` since the last call (empty at weight 0).
+
+        Args:
+            reduce: sums a tensor over data-parallel ranks in place (every rank must call it),
+                so the means are those of all ranks' micro-batches; None: this process's.
+            device: where ``reduce`` takes its tensor (the collective's device).
+        """
         if not self.weight:
             return {}
+        names = list(self._sums)
+        sums, weights = self._sums, self._weights
+        if reduce is not None:
+            parts = [*sums.values(), *weights.values()]
+            totals = reduce(torch.stack([torch.as_tensor(v, device=device).float() for v in parts]))
+            sums = dict(zip(names, totals[: len(names)]))
+            weights = dict(zip(names, totals[len(names) :]))
         out = {
-            name: float(self._sums[name]) / float(self._weights[name])
-            for name in self._sums
-            if float(self._weights[name]) > 0
+            name: float(sums[name]) / float(weights[name])
+            for name in names
+            if float(weights[name]) > 0
         }
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        """Forgets what was recorded (e.g. a probe step that is not a training step)."""
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._weights = dict.fromkeys(self._weights, 0.0)
-        return out

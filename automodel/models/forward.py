@@ -123,10 +123,11 @@ class TrainForward(nn.Module):
     """The module the training loop calls: ``(batch, labels, divisor) -> loss``.
 
     It is the root that DDP or FSDP2 wraps, so their hooks run around the whole step (calling
-    ``model.model`` directly would bypass them). Under data parallelism every rank must run the
-    vision path in every micro-batch, or a rank whose samples have no image skips the tower's
-    collectives (FSDP2 hangs) or leaves its gradients unset (DDP fails): given
-    ``blank_image_inputs``, a batch without images runs the tower on a blank image whose
+    ``model.model`` directly would bypass them), and every loss term is computed inside it: the
+    language-model loss and, when given, the auxiliary ``vision_loss``. Under data parallelism
+    every rank must run the vision path in every micro-batch, or a rank whose samples have no
+    image skips the tower's collectives (FSDP2 hangs) or leaves its gradients unset (DDP fails):
+    given ``blank_image_inputs``, a batch without images runs the tower on a blank image whose
     output enters the loss times zero.
 
     Args:
@@ -136,6 +137,8 @@ class TrainForward(nn.Module):
             in a single process.
         packer: packs each micro-batch without padding (``automodel.models.packing.Packer``);
             None runs the padded batch.
+        vision_loss: ``(loss, batch, labels, divisor) -> loss`` adding an auxiliary term (e.g.
+            ``automodel.loss.alignment.ImageTextAlignmentLoss``); None adds nothing.
     """
 
     def __init__(
@@ -144,20 +147,25 @@ class TrainForward(nn.Module):
         loss_fn,
         blank_image_inputs: dict | None = None,
         packer=None,
+        vision_loss=None,
     ):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.blank_image_inputs = blank_image_inputs
         self.packer = packer
+        self.vision_loss = vision_loss
 
     def forward(self, batch: dict, labels: torch.Tensor, divisor) -> torch.Tensor:
         blank = None
         if self.blank_image_inputs is not None and not vision_inputs(batch):
             blank = image_features_sum(self.model, self.blank_image_inputs)  # before the decoder
+        inputs, targets = batch, labels
         if self.packer is not None:
-            batch, labels = self.packer(batch, labels)
-        loss = label_loss(self.model, batch, labels, self.loss_fn, divisor)
+            inputs, targets = self.packer(batch, labels)
+        loss = label_loss(self.model, inputs, targets, self.loss_fn, divisor)
         if blank is not None:
             loss = loss + 0.0 * blank
+        if self.vision_loss is not None:
+            loss = self.vision_loss(loss, batch, labels, divisor)
         return loss

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from automodel.config.instantiate import instantiate
 from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
-from automodel.eval.evaluate import EvalResult, evaluate, markdown_table, write_outputs
+from automodel.eval.evaluate import EvalResult, default_out_dir, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names
-from automodel.paths import is_local_path
+from automodel.models.auto import AutoModelForImageTextToText, load_processor
+from automodel.recipes.vlm.builders import build_dataset
 
 
-def default_out_dir(model: str, split: str) -> Path:
-    """Beside a local model folder (``checkpoints/final_model`` -> ``checkpoints/eval_<split>``);
-    ``./eval_<split>`` for a hub id."""
-    name = "eval_" + re.sub(r"[^\w.-]+", "_", split).strip("_")
-    if is_local_path(model):
-        return Path(model).expanduser().resolve().parent / name
-    return Path(name)
-
-
-def evaluation_dataset(cfg: dict, split: str | None, extra_prefixes: tuple[str, ...] = ()) -> Any:
-    """The config's ``validation_dataset`` (or ``dataset``), with ``split`` replaced if given.
+def evaluation_dataset(cfg: dict, split: str | None) -> tuple[Any, str]:
+    """The config's ``validation_dataset`` (or ``dataset``), with ``split`` replaced if given,
+    and the split's name.
 
     Raises:
         UsageError: the config has no dataset section to evaluate on.
@@ -35,10 +25,9 @@ def evaluation_dataset(cfg: dict, split: str | None, extra_prefixes: tuple[str, 
     section = "validation_dataset" if cfg.get("validation_dataset") else "dataset"
     if not cfg.get(section):
         raise UsageError("the config has neither validation_dataset nor dataset to evaluate on")
-    node = copy.deepcopy(cfg[section])
-    if split is not None:
-        node["split"] = split
-    return instantiate(node, where=section, extra_prefixes=extra_prefixes)
+    return build_dataset(cfg, section, split=split), split or cfg[section].get(
+        "split", "validation"
+    )
 
 
 def run_evaluation(
@@ -57,23 +46,17 @@ def run_evaluation(
         split: replaces the dataset's ``split`` (e.g. ``test``); ``None`` keeps the config's.
         max_samples: evaluate only the first samples; ``None`` evaluates the whole split.
         out_dir: where ``metrics.json``, ``predictions.jsonl`` and ``images/`` go; by default
-            :func:`default_out_dir`.
+            ``eval_<split>/`` beside the model folder (``default_out_dir``).
         batch_size: overrides ``eval.batch_size``.
 
     Returns:
         The result and the folder it was written to.
     """
-    from automodel.models.auto import AutoModelForImageTextToText, load_processor
-
     eval_cfg = EvalConfig.from_dict(cfg.get("eval") or {})
     # Checked before anything loads, so a misspelt metric costs no model load.
     metrics = eval_cfg.metrics
     metrics = None if metrics is None else expand_metric_names(metrics)
-    extra = tuple(cfg.get("allowed_target_prefixes") or ())
-    dataset = evaluation_dataset(cfg, split, extra)
-    split_name = split or cfg.get("validation_dataset", cfg.get("dataset", {})).get(
-        "split", "validation"
-    )
+    dataset, split_name = evaluation_dataset(cfg, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).to(device)
     processor = load_processor(str(model_dir))
@@ -91,6 +74,3 @@ def run_evaluation(
     out = Path(out_dir) if out_dir is not None else default_out_dir(str(model_dir), split_name)
     write_outputs(result, out, model=str(model_dir), split=split_name)
     return result, out
-
-
-__all__ = ["default_out_dir", "evaluation_dataset", "markdown_table", "run_evaluation"]
