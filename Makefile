@@ -21,4 +21,4 @@ test-slow:
 	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q -m slow $(ARGS)
 
 lint:
-	@venv=$$(scripts/env.sh) && "$$venv/bin/ruff" check automodel tests && "$$venv/bin/ruff" format --check automodel tests
+	@venv=$$(scripts/env.sh) && "$$venv/bin/ruff" check automodel tests && "$$venv/bin/ruff" format --check automodel tests && "$$venv/bin/lint-imports"

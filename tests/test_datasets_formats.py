@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from automodel.common import IGNORE_INDEX
 from automodel.config.instantiate import instantiate
 from automodel.datasets.collate import default_collate_fn
 from automodel.datasets.vlm import (
@@ -21,7 +22,6 @@ from automodel.datasets.vlm import (
     make_vqa_dataset,
 )
 from automodel.errors import UsageError
-from automodel.loss.masked_ce import IGNORE_INDEX
 from tests.conftest import ROOT, run_cli
 
 EXAMPLES = ROOT / "examples" / "data"

@@ -15,6 +15,7 @@ from automodel.cli import main as cli_main
 from automodel.datasets.collate import default_collate_fn
 from automodel.loss import MaskedCrossEntropy
 from automodel.loss.alignment import ImageTextAlignmentLoss
+from automodel.models.families import image_token_id
 from automodel.models.forward import label_logits
 from automodel.models.freeze import apply_freeze, language_modules, projector_modules
 from tests.conftest import ROOT
@@ -53,9 +54,15 @@ def _loss(model, criterion, batch):
     return lm, criterion(lm, inputs, labels, n)
 
 
+def _criterion(model, **kwargs) -> ImageTextAlignmentLoss:
+    criterion = ImageTextAlignmentLoss(**kwargs)
+    criterion.attach(language_modules(model)[0], image_token_id(model))
+    return criterion
+
+
 def test_weight_zero_changes_nothing(tiny_family):
     model = AutoModelForImageTextToText.from_pretrained(tiny_family("llava"))
-    criterion = ImageTextAlignmentLoss(model)
+    criterion = _criterion(model)
     assert not language_modules(model)[0]._forward_pre_hooks
     lm, total = _loss(
         model, criterion, _batch(AutoProcessor.from_pretrained(tiny_family("llava")), 3)
@@ -67,7 +74,7 @@ def test_weighted_alignment_trains_the_projector_only(tiny_family):
     path = tiny_family("llava")
     model = AutoModelForImageTextToText.from_pretrained(path).train()
     apply_freeze(model)
-    criterion = ImageTextAlignmentLoss(model, weight=0.5)
+    criterion = _criterion(model, weight=0.5)
     batch = _batch(AutoProcessor.from_pretrained(path), 3)
     lm, total = _loss(model, criterion, batch)
     metrics = criterion.metrics()
@@ -89,7 +96,7 @@ def test_weighted_alignment_trains_the_projector_only(tiny_family):
 def test_no_negatives_no_number(tiny_family):
     path = tiny_family("llava")
     model = AutoModelForImageTextToText.from_pretrained(path).train()
-    criterion = ImageTextAlignmentLoss(model, weight=1.0)
+    criterion = _criterion(model, weight=1.0)
     lm, total = _loss(model, criterion, _batch(AutoProcessor.from_pretrained(path), 1))
     assert total is lm and set(criterion.metrics()) == {"language_loss"}
     with torch.no_grad():  # validation: never weighted, never recorded

@@ -32,7 +32,7 @@ def add_parsers(sub, parents) -> None:
 
 
 def run_merge_lora(ns, overrides: list[str]) -> int:
-    from automodel.peft.export import merge_lora
+    from automodel.recipes.vlm.export import merge_lora
 
     print(merge_lora(ns.base, ns.adapter, ns.out))
     return 0

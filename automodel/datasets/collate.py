@@ -40,24 +40,14 @@ from typing import Any, Literal, get_args
 import torch
 from PIL import Image
 
+from automodel.common import IGNORE_INDEX, SEQUENCE_KEYS
 from automodel.errors import UsageError
-from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models import families
 
 logger = logging.getLogger(__name__)
 
 OnOverlength = Literal["drop", "error"]
 OVERLENGTH_POLICIES = get_args(OnOverlength)
-
-# Keys whose second dimension is the sequence: truncated together with input_ids.
-SEQUENCE_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "assistant_masks",
-    "labels",
-)
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from automodel.common import IGNORE_INDEX
 from automodel.datasets import collate
 from automodel.datasets.checks import BadSample, sample_location, scan_dataset
-from automodel.loss.masked_ce import IGNORE_INDEX
 
 BAR = 30
 

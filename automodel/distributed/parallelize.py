@@ -43,24 +43,6 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
 
 
 DTYPE_KEYS = ("param_dtype", "reduce_dtype")
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
-
-
-def dtype_of(name: str | None, key: str) -> torch.dtype | None:
-    """``bfloat16`` / ``float32`` ... (or ``torch.bfloat16``) as a dtype; None stays None."""
-    if name is None:
-        return None
-    short = str(name).removeprefix("torch.")
-    if short not in _DTYPES:
-        raise UsageError(f"{key}={name!r}: use bfloat16, float16 or float32")
-    return _DTYPES[short]
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from automodel.common import is_rank_zero
 from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
 from automodel.eval.evaluate import default_metrics, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names, score_names
-from automodel.training.metrics import is_rank_zero, read_jsonl, truncate_log
+from automodel.training.metrics import read_jsonl, truncate_log
 
 EVAL_LOG = "eval.jsonl"
 BEST_FILE = "eval_best.json"

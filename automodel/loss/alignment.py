@@ -18,23 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from automodel.loss.masked_ce import IGNORE_INDEX
-from automodel.models.families import image_token_id
-from automodel.models.freeze import language_modules
+from automodel.common import IGNORE_INDEX
 
 
 class ImageTextAlignmentLoss:
     """``lm_loss + weight * vision_loss``, with both parts kept for the metrics line.
 
+    The module that runs the model (``automodel.models.forward.TrainForward``) calls
+    ``attach`` with the language model and the image placeholder's id.
+
     Args:
-        model: the VLM being trained (hooks are added only when ``weight`` is not 0).
         weight: factor of the alignment loss; 0 turns it off.
         temperature: softmax temperature of the contrastive logits.
     """
 
-    def __init__(
-        self, model: nn.Module | None = None, weight: float = 0.0, temperature: float = 0.07
-    ):
+    def __init__(self, weight: float = 0.0, temperature: float = 0.07):
         if weight < 0 or temperature <= 0:
             raise ValueError("vision_loss: weight must be >= 0 and temperature > 0")
         self.weight = float(weight)
@@ -42,9 +40,16 @@ class ImageTextAlignmentLoss:
         self._embeds: torch.Tensor | None = None
         self._sums = {"language_loss": 0.0, "vision_loss": 0.0}
         self._weights = {"language_loss": 0.0, "vision_loss": 0.0}
-        if self.weight and model is not None:
-            self.placeholder_id = image_token_id(model)
-            decoder = language_modules(model)[0]
+
+    def attach(self, decoder: nn.Module, placeholder_id: int) -> None:
+        """Captures ``decoder``'s input embeddings (image features merged) on every forward.
+
+        Args:
+            decoder: the language model; nothing is hooked when ``weight`` is 0.
+            placeholder_id: the token id whose positions hold image features.
+        """
+        if self.weight:
+            self.placeholder_id = placeholder_id
             decoder.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module, args, kwargs):

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from automodel.loss.masked_ce import IGNORE_INDEX
-from automodel.peft.lora import unwrap
+from automodel.common import IGNORE_INDEX, unwrap
 
 
 def label_hidden(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

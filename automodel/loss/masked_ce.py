@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from automodel.common import IGNORE_INDEX
 
 
 class MaskedCrossEntropy:

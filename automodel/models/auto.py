@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import transformers
 
+from automodel.common import parse_dtype
 from automodel.errors import UsageError
 from automodel.paths import is_local_path
 
@@ -21,18 +22,6 @@ def _check_source(name: str, what: str, key: str) -> None:
         raise UsageError(
             f"{what} folder not found: {name} (set {key} to a Hugging Face folder or a hub id)"
         )
-
-
-def _dtype(value: Any) -> torch.dtype | str | None:
-    if value is None or isinstance(value, torch.dtype) or value == "auto":
-        return value
-    name = str(value).removeprefix("torch.")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise UsageError(
-            f"model.torch_dtype: unknown dtype {value!r} (use float32, bfloat16 or float16)"
-        )
-    return dtype
 
 
 class AutoModelForImageTextToText:
@@ -70,7 +59,8 @@ class AutoModelForImageTextToText:
         """
         name = str(pretrained_model_name_or_path)
         _check_source(name, "model", "model.pretrained_model_name_or_path")
-        dtype = _dtype(dtype if dtype is not None else torch_dtype) or torch.float32
+        dtype = parse_dtype(dtype if dtype is not None else torch_dtype, "model.torch_dtype", True)
+        dtype = dtype or torch.float32
         kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
         kwargs["local_files_only"] = local_files_only
         if attn_implementation is not None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from automodel.common import unwrap
 from automodel.config.sections import CompileConfig
 from automodel.models.freeze import language_modules
-from automodel.peft.lora import unwrap
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

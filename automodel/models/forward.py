@@ -8,12 +8,13 @@ from typing import get_args
 import torch
 from torch import nn
 
+from automodel.common import SEQUENCE_KEYS, unwrap
 from automodel.config.sections import Autocast, PrecisionConfig
-from automodel.datasets.collate import SEQUENCE_KEYS
 from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden, label_loss, output_logits
 from automodel.models.attention import fp32_attention_on_cpu
-from automodel.peft.lora import unwrap
+from automodel.models.families import image_token_id
+from automodel.models.freeze import language_modules
 
 
 def to_model(batch: dict, model) -> dict:
@@ -155,6 +156,9 @@ class TrainForward(nn.Module):
         self.blank_image_inputs = blank_image_inputs
         self.packer = packer
         self.vision_loss = vision_loss
+        if getattr(vision_loss, "weight", 0) and hasattr(vision_loss, "attach"):
+            # The auxiliary loss reads the language model's input embeddings at image positions.
+            vision_loss.attach(language_modules(model)[0], image_token_id(model))
 
     def forward(self, batch: dict, labels: torch.Tensor, divisor) -> torch.Tensor:
         blank = None

@@ -24,11 +24,9 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from automodel.datasets.collate import SEQUENCE_KEYS
+from automodel.common import IGNORE_INDEX, SEQUENCE_KEYS, unwrap
 from automodel.errors import UsageError
-from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.families import family_of, rope_index
-from automodel.peft.lora import unwrap
 
 _LAYER_TYPES = {"full_attention", "sliding_attention"}
 

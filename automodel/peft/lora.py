@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from automodel.common import is_peft_model
 from automodel.errors import UsageError
 from automodel.models.families import family_of
 
@@ -120,15 +121,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         use_rslora=cfg.use_rslora,
     )
     return peft.get_peft_model(model, lora)
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -34,10 +34,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from automodel.common import print0
 from automodel.config.loader import dump_yaml, load_yaml
 from automodel.distributed.env import all_ranks_error, rank_and_world_size
 from automodel.errors import UsageError
-from automodel.training.metrics import print0
 from automodel.training.signals import RunStopped
 from automodel.training.state import TRAIN_STATE_FILE, save_train_state
 

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from automodel.common import IGNORE_INDEX, print0
 from automodel.distributed import parallelize
 from automodel.distributed.env import any_rank
 from automodel.errors import UsageError
-from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.forward import blank_image_sample, to_model, vision_inputs
-from automodel.training.metrics import print0
 
 
 class BatchFeed:

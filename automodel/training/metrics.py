@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -15,20 +14,12 @@ from typing import IO, Any
 
 import torch
 
+from automodel.common import is_rank_zero
+
 TRAINING_LOG = "training.jsonl"
 VALIDATION_LOG = "validation.jsonl"
 # A log window that spent this share of its time waiting for batches gets a one-time hint.
 DATA_WAIT_HINT_PCT = 20.0
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only, flushed so logs interleave correctly with subprocess output."""
-    if is_rank_zero():
-        print(*args, **kwargs, flush=True)
 
 
 def peak_memory_gb(device: torch.device) -> float:

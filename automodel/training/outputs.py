@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
+from automodel.common import is_peft_model, print0
 from automodel.generation import generate_reply, prompt_messages, reply_text
-from automodel.peft import is_peft_model, merge
+from automodel.peft import merge
 from automodel.training.checkpoint import save_hf_folder
-from automodel.training.metrics import print0
 from automodel.training.plot import plot_losses
 
 

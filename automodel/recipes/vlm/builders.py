@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from automodel.common import parse_dtype, print0
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.sections import DataCheckConfig, FreezeConfig, StepSchedulerConfig
 from automodel.datasets.checks import screen_dataset
 from automodel.datasets.samplers import make_sampler
 from automodel.distributed.env import barrier
-from automodel.distributed.parallelize import DTYPE_KEYS, build_mesh, dtype_of, parallelize
+from automodel.distributed.parallelize import DTYPE_KEYS, build_mesh, parallelize
 from automodel.errors import UsageError
 from automodel.models.auto import load_processor
 from automodel.models.forward import TrainForward
@@ -30,7 +31,6 @@ from automodel.models.packing import Packer
 from automodel.peft import apply_lora
 from automodel.recipes.vlm.config import FinetuneConfig
 from automodel.training.feed import BatchFeed
-from automodel.training.metrics import print0
 
 DATASET_SECTIONS = ("dataset", "validation_dataset")
 
@@ -226,7 +226,7 @@ def build_train_module(
         feed.freeze_unreached(module, model)
         vision_loss.reset()  # that probe was no training step
         mesh = build_mesh(device.type, world_size, dist_cfg.num_dp_ranks)
-    dtypes = {k: dtype_of(getattr(dist_cfg, k), f"distributed.{k}") for k in DTYPE_KEYS}
+    dtypes = {k: parse_dtype(getattr(dist_cfg, k), f"distributed.{k}") for k in DTYPE_KEYS}
     module = parallelize(
         module,
         mesh,

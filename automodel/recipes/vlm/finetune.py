@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from automodel.common import IGNORE_INDEX, print0
 from automodel.config.sections import CheckpointConfig
 from automodel.distributed.env import (
     all_reduce_sum,
@@ -28,7 +29,6 @@ from automodel.distributed.env import (
 from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded
 from automodel.errors import UsageError
 from automodel.eval.periodic import build_periodic_evaluator
-from automodel.loss.masked_ce import IGNORE_INDEX
 from automodel.models.compile import compile_model
 from automodel.models.forward import apply_precision, to_model
 from automodel.models.freeze import count_parameters, vision_modules
@@ -62,7 +62,7 @@ from automodel.training.feed import BatchFeed
 from automodel.training.guards import NonFiniteGuard
 from automodel.training.host_memory import return_freed_memory
 from automodel.training.loggers import build_sinks
-from automodel.training.metrics import DataWait, MetricsLogger, peak_memory_gb, print0
+from automodel.training.metrics import DataWait, MetricsLogger, peak_memory_gb
 from automodel.training.optim import build_optimizer
 from automodel.training.outputs import preview, save_final
 from automodel.training.schedule import build_lr_scheduler
@@ -105,7 +105,7 @@ class FinetuneRecipeForVLM:
         self.collate = build_collate(cfg, self.processor)
         self.feed = BatchFeed(self.collate, self.dist.world_size)
         self.loss_fn = build(cfg, "loss_fn")
-        self.vision_loss = build(cfg, "vision_loss", self.model)  # weight 0: loss unchanged
+        self.vision_loss = build(cfg, "vision_loss")  # weight 0: loss unchanged
         self.train_module = build_train_module(
             sections, self.model, self.loss_fn, self.vision_loss, self.feed, self.device
         )
