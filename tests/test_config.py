@@ -288,3 +288,11 @@ def test_the_tracked_score_must_be_one_the_named_metrics_produce():
     cfg = _set(load_yaml(NEMO_YAML), "eval", {"metrics": ["vqa"], "best_metric": "bleu4"})
     with pytest.raises(UsageError, match="eval.best_metric: 'bleu4' is not one of exact_match"):
         resolve_config(cfg)
+
+
+def test_vision_loss_with_packing_is_refused_before_anything_loads():
+    cfg = _set(load_yaml(NEMO_YAML), "vision_loss", {"weight": 0.5})
+    cfg = _set(cfg, "packing", {"enabled": True})
+    with pytest.raises(UsageError, match="vision_loss.weight > 0 with packing.enabled=true"):
+        resolve_config(cfg)
+    resolve_config(_set(cfg, "packing", {"enabled": False}))  # either alone is fine

@@ -155,7 +155,8 @@ SCHEMA = Schema(
         "(CUDA, `pip install liger-kernel`)",
         "vision_loss": "`automodel.loss.alignment.ImageTextAlignmentLoss` (`weight`, default "
         "0 = off; `temperature`): contrastive image / answer-text alignment on the projector "
-        "output, logged as `vision_loss` beside `language_loss`",
+        "output, logged as `vision_loss` beside `language_loss`; any number of processes, not "
+        "with `packing`",
         "peft": "optional LoRA through Hugging Face PEFT (`_target_` defaults to "
         "`automodel.peft.LoraConfig`; NeMo's `PeftConfig` target maps to it): `r` (or NeMo's "
         "`dim`), `alpha`, `dropout`, `target_modules` (globs on full module names such as "
@@ -232,8 +233,19 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
     typed = FinetuneConfig.from_config(resolved)
     resolved.update(typed.to_dicts())
     check_eval(typed.eval)
+    check_vision_loss(resolved, typed)
     check_installed(resolved)
     return resolved, notices
+
+
+def check_vision_loss(resolved: dict, typed: FinetuneConfig) -> None:
+    """The alignment loss reads each padded row's image and reply positions: it cannot read
+    packed rows, so the two are refused together before anything loads."""
+    if resolved["vision_loss"].get("weight") and typed.packing.enabled:
+        raise UsageError(
+            "vision_loss.weight > 0 with packing.enabled=true: the alignment loss needs padded "
+            "rows; set packing.enabled=false or vision_loss.weight=0"
+        )
 
 
 def check_eval(settings: EvalConfig) -> None:
