@@ -1,4 +1,5 @@
-"""The one exception type that means "the user asked for something we cannot do"."""
+"""The exceptions the CLI turns into one line and an exit code: bad input, and a run stopped
+on purpose."""
 
 
 class UsageError(Exception):
@@ -7,3 +8,16 @@ class UsageError(Exception):
     The CLI prints the message on one line (no traceback) and exits with code 2. The message
     names the file, key or sample at fault and says what to do about it.
     """
+
+
+class RunStopped(Exception):
+    """The run stopped before ``max_steps`` on purpose; the CLI prints it and exits ``exit_code``.
+
+    Args:
+        message: one line saying why, and what to do next.
+        exit_code: the process's exit status.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from automodel.errors import UsageError
+from automodel.errors import RunStopped, UsageError
 from automodel.training.checkpoint import CheckpointManager, load_model_weights, read_meta
 from automodel.training.guards import NonFiniteGuard
 from automodel.training.loggers import build_sinks, check_installed
 from automodel.training.metrics import MetricsLogger, ProgressBar, read_jsonl, truncate_log
 from automodel.training.plot import plot_losses
 from automodel.training.rng import StatefulRNG
-from automodel.training.signals import RunStopped
 from automodel.training.state import load_train_state, save_train_state
 
 

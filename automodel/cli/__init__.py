@@ -16,8 +16,7 @@ import sys
 
 from automodel.cli import data, evaluate, export, finetune, generate, models
 from automodel.cli.common import Parents, Parser, leaf_parser, reject_unknown
-from automodel.errors import UsageError
-from automodel.training.signals import RunStopped
+from automodel.errors import RunStopped, UsageError
 
 USAGE_ERROR = 2
 GROUPS = (finetune, models, data, generate, evaluate, export)

@@ -37,8 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from automodel.common import print0
 from automodel.config.loader import dump_yaml, load_yaml
 from automodel.distributed.env import all_ranks_error, rank_and_world_size
-from automodel.errors import UsageError
-from automodel.training.signals import RunStopped
+from automodel.errors import RunStopped, UsageError
 from automodel.training.state import TRAIN_STATE_FILE, save_train_state
 
 MODEL_FILE = "model.safetensors"

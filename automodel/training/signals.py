@@ -13,19 +13,6 @@ from automodel.training.guards import NonFiniteGuard
 SIGTERM_EXIT_CODE = 143
 
 
-class RunStopped(Exception):
-    """The run stopped before ``max_steps`` on purpose; the CLI prints it and exits ``exit_code``.
-
-    Args:
-        message: one line saying why, and what to do next.
-        exit_code: the process's exit status.
-    """
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class StopOnSigterm:
     """Turns SIGTERM into a request the loop honours at the end of the current step.
 

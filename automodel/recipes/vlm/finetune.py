@@ -27,7 +27,7 @@ from automodel.distributed.env import (
     loss_divisor,
 )
 from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded
-from automodel.errors import UsageError
+from automodel.errors import RunStopped, UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.models.compile import compile_model
 from automodel.models.forward import apply_precision, to_model
@@ -66,7 +66,7 @@ from automodel.training.metrics import DataWait, MetricsLogger, peak_memory_gb
 from automodel.training.optim import build_optimizer
 from automodel.training.outputs import preview, save_final
 from automodel.training.schedule import build_lr_scheduler
-from automodel.training.signals import RunStopped, StopOnSigterm, stop_reason
+from automodel.training.signals import StopOnSigterm, stop_reason
 from automodel.training.state import collect_state, load_train_state, restore_state
 from automodel.training.summary import run_summary
 from automodel.training.window import LogWindow
