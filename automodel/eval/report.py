@@ -170,8 +170,17 @@ def write_report(
     train = read_jsonl(logs["training.jsonl"])
     val = read_jsonl(logs["validation.jsonl"])
     evals = read_jsonl(logs["eval.jsonl"])
-    esc = html.escape
+    tables, gallery_html = _scores_and_gallery(run, evals, gallery_size)
+    page = _page(run, _summary(run, train, val), _charts(train, val, evals), tables, gallery_html)
+    path = Path(out) if out is not None else run / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
+
+def _charts(train: list[dict], val: list[dict], evals: list[dict]) -> list[str]:
+    """The loss curves (training and validation), then one chart per evaluation score."""
     charts = [
         line_chart(
             {"train loss": _points(train, "loss"), "validation loss": _points(val, "val_loss")},
@@ -179,8 +188,11 @@ def write_report(
         )
     ]
     score_keys = [k for k in (evals[-1] if evals else {}) if k != "step"]
-    charts += [line_chart({key: _points(evals, key)}, key) for key in score_keys]
+    return charts + [line_chart({key: _points(evals, key)}, key) for key in score_keys]
 
+
+def _summary(run: Path, train: list[dict], val: list[dict]) -> list[str]:
+    """Bullet points: training log lines, the last validation loss, the best tracked score."""
     summary = []
     if train:
         summary.append(f"<li>{len(train)} training log lines, last step {train[-1].get('step')}")
@@ -193,10 +205,15 @@ def write_report(
     if best_path.is_file():
         best = json.loads(best_path.read_text())
         summary.append(
-            f"<li>best {esc(str(best.get('metric')))}: {best.get('value', math.nan):.4f} at step "
-            f"{best.get('step')}</li>"
+            f"<li>best {html.escape(str(best.get('metric')))}: "
+            f"{best.get('value', math.nan):.4f} at step {best.get('step')}</li>"
         )
+    return summary
 
+
+def _scores_and_gallery(run: Path, evals: list[dict], gallery_size: int) -> tuple[list, str]:
+    """Score tables (the latest evaluation during training, each evaluation folder) and the
+    gallery of the first folder with predictions."""
     tables = []
     if evals:
         latest = {k: v for k, v in evals[-1].items() if k != "step"}
@@ -214,17 +231,22 @@ def write_report(
         if not gallery:
             gallery = _gallery(folder, gallery_size)
             gallery_source = name if gallery else None
+    if not gallery:
+        return tables, (
+            '<p class="muted">No predictions yet: set step_scheduler.eval_every_steps, or run '
+            "automodel evaluate -c CONFIG --model RUN_DIR/final_model.</p>"
+        )
+    source = html.escape(gallery_source)
+    return tables, f'<p class="muted">from {source}/predictions.jsonl</p>{gallery}'
 
+
+def _page(run: Path, summary: list, charts: list, tables: list, gallery_html: str) -> str:
+    """The whole HTML page, self-contained (styles and script inline)."""
+    esc = html.escape
     config_path = run / "config.yaml"
     config = config_path.read_text() if config_path.is_file() else "(no config.yaml)"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    gallery_html = (
-        f'<p class="muted">from {esc(gallery_source)}/predictions.jsonl</p>{gallery}'
-        if gallery
-        else '<p class="muted">No predictions yet: set step_scheduler.eval_every_steps, or run '
-        "automodel evaluate -c CONFIG --model RUN_DIR/final_model.</p>"
-    )
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>automodel report: {esc(run.resolve().name)}</title>
 <style>{_CSS}</style></head>
@@ -243,8 +265,3 @@ def write_report(
 <script>{_SCRIPT}</script>
 </body></html>
 """
-    path = Path(out) if out is not None else run / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path

@@ -362,21 +362,29 @@ class CheckpointManager:
             )
         error = all_ranks_error(error)
         if error is not None:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.pointer("LATEST")
-            raise RunStopped(
-                f"could not write checkpoint {final} ({error}); LATEST still names "
-                f"{previous.name if previous else 'no checkpoint'}: free space or fix "
-                "checkpoint.checkpoint_dir, then rerun the same command to resume"
-            )
+            self._abandon(tmp, final, error, rank)
         if rank == 0:
-            if val_loss is not None:
-                self._update_lowest_val(final, val_loss)
-            if best:
-                _write_atomic(self.dir / "BEST", final.name + "\n")
-            self._prune()
+            self._update_pointers(final, val_loss, best)
         return final
+
+    def _abandon(self, tmp: Path, final: Path, error: str, rank: int) -> None:
+        """Removes a partial step folder and stops the run, naming the checkpoint to resume."""
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.pointer("LATEST")
+        raise RunStopped(
+            f"could not write checkpoint {final} ({error}); LATEST still names "
+            f"{previous.name if previous else 'no checkpoint'}: free space or fix "
+            "checkpoint.checkpoint_dir, then rerun the same command to resume"
+        )
+
+    def _update_pointers(self, final: Path, val_loss: float | None, best: bool) -> None:
+        """``LOWEST_VAL`` and ``BEST`` after a written step folder, then ``keep_last_n``."""
+        if val_loss is not None:
+            self._update_lowest_val(final, val_loss)
+        if best:
+            _write_atomic(self.dir / "BEST", final.name + "\n")
+        self._prune()
 
     def _begin(self, tmp: Path, final: Path) -> None:
         for stale in self.dir.glob("step_*.tmp"):
