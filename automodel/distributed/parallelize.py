@@ -97,12 +97,7 @@ def parallelize(
     if strategy not in STRATEGIES:
         raise UsageError(f"distributed.strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
     if activation_checkpointing:
-        for candidate in module.modules():
-            if hasattr(candidate, "gradient_checkpointing_enable"):
-                candidate.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-                break
+        _enable_recomputation(module)
     if strategy == "none":
         return module
     if strategy == "ddp":
@@ -112,6 +107,27 @@ def parallelize(
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=mesh.get_group())
 
+    return _fully_shard(module, mesh, param_dtype, reduce_dtype, cpu_offload)
+
+
+def _enable_recomputation(module: nn.Module) -> None:
+    """transformers' non-reentrant gradient checkpointing on the first model found inside."""
+    for candidate in module.modules():
+        if hasattr(candidate, "gradient_checkpointing_enable"):
+            candidate.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            return
+
+
+def _fully_shard(
+    module: nn.Module,
+    mesh,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+    cpu_offload: bool,
+) -> nn.Module:
+    """FSDP2: each decoder block, the vision tower and the root, each a unit of its own."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     # Each rank keeps its slice of the tensors it holds: weights drawn at random on each rank

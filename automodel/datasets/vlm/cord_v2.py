@@ -179,6 +179,25 @@ def _parse_truth(raw: Any) -> dict[str, Any]:
     return parse
 
 
+def _check_arguments(path_or_dataset, target_format: str, image_size, limit) -> None:
+    """Refuses unusable arguments before any data is read, naming the fix."""
+    if target_format not in TARGET_FORMATS:
+        raise UsageError(
+            f"CORD-v2 target_format {target_format!r} is unknown; use one of "
+            f"{', '.join(TARGET_FORMATS)}."
+        )
+    check_image_size(image_size, "CORD-v2")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"CORD-v2 limit={limit!r} must be a positive integer or null.")
+    if isinstance(path_or_dataset, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(path_or_dataset))
+        if is_local_path(path) and not os.path.exists(path):
+            raise UsageError(
+                f"CORD-v2 dataset folder {path!r} does not exist; pass {_LOCAL_HINT}, or the hub "
+                f"id {HUB_ID!r}."
+            )
+
+
 def make_cord_v2_dataset(
     path_or_dataset: str | os.PathLike[str] | datasets.Dataset | datasets.DatasetDict = HUB_ID,
     split: str = "train",
@@ -217,21 +236,7 @@ def make_cord_v2_dataset(
         UsageError: the path, split, columns or arguments are unusable, or the hub dataset cannot
             be loaded.
     """
-    if target_format not in TARGET_FORMATS:
-        raise UsageError(
-            f"CORD-v2 target_format {target_format!r} is unknown; use one of "
-            f"{', '.join(TARGET_FORMATS)}."
-        )
-    check_image_size(image_size, "CORD-v2")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise UsageError(f"CORD-v2 limit={limit!r} must be a positive integer or null.")
-    if isinstance(path_or_dataset, (str, os.PathLike)):
-        path = os.path.expanduser(os.fspath(path_or_dataset))
-        if is_local_path(path) and not os.path.exists(path):
-            raise UsageError(
-                f"CORD-v2 dataset folder {path!r} does not exist; pass {_LOCAL_HINT}, or the hub "
-                f"id {HUB_ID!r}."
-            )
+    _check_arguments(path_or_dataset, target_format, image_size, limit)
     source = open_records(path_or_dataset, split, "CORD-v2 dataset", val_fraction is not None)
     fields = source.fields() or []
     missing = [column for column in REQUIRED_COLUMNS if column not in fields]

@@ -228,19 +228,30 @@ def open_records(
         return ArrowSource(rows, f"{path} [{read_split}]", None)
     path = os.path.expanduser(path)
     if os.path.isfile(path):
-        _check_single_file_split(path, read_split, what)
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix in JSONL_SUFFIXES:
-            return JsonLinesSource(path)
-        if suffix == ".json":
-            return _json_source(path)
-        if suffix in PACKAGED_SUFFIXES:
-            rows = _load_packaged(PACKAGED_SUFFIXES[suffix], {"train": path}, "train", path, what)
-            return ArrowSource(rows, path, os.path.dirname(os.path.abspath(path)))
-        raise UsageError(
-            f"{what} file {path!r} has an unknown type; use .jsonl, .json, .parquet, .arrow or "
-            ".csv, or a folder."
-        )
+        return _file_source(path, read_split, what)
+    return _folder_source(path, read_split, what)
+
+
+def _file_source(path: str, read_split: str, what: str) -> RecordSource:
+    """One local file, read whole as ``train`` (JSON lines, a JSON array, parquet, arrow, csv)."""
+    _check_single_file_split(path, read_split, what)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in JSONL_SUFFIXES:
+        return JsonLinesSource(path)
+    if suffix == ".json":
+        return _json_source(path)
+    if suffix in PACKAGED_SUFFIXES:
+        rows = _load_packaged(PACKAGED_SUFFIXES[suffix], {"train": path}, "train", path, what)
+        return ArrowSource(rows, path, os.path.dirname(os.path.abspath(path)))
+    raise UsageError(
+        f"{what} file {path!r} has an unknown type; use .jsonl, .json, .parquet, .arrow or "
+        ".csv, or a folder."
+    )
+
+
+def _folder_source(path: str, read_split: str, what: str) -> RecordSource:
+    """A local folder: ``<split>.jsonl`` / ``.json``, a ``save_to_disk`` copy, or parquet /
+    imagefolder files of the split."""
     if not os.path.isdir(path):
         raise UsageError(f"{what} path {path!r} does not exist; check the path in the config.")
     for suffix in (*JSONL_SUFFIXES, ".json"):
