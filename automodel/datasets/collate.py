@@ -462,8 +462,28 @@ def default_collate_fn(
             f"dataloader.collate_fn.on_overlength={on_overlength!r}: use one of "
             f"{', '.join(OVERLENGTH_POLICIES)}"
         )
-    image_ids = torch.tensor(image_token_ids(processor))
     names = [_sample_name(example, i) for i, example in enumerate(examples)]
+    conversations, dropped = _usable_conversations(examples, processor)
+    fit = _Fit(processor, max_length, on_overlength, names)
+    keep, batch = fit.render(conversations, dropped)
+    if not keep:
+        return None
+    if max_length is not None and batch["input_ids"].shape[1] > max_length:
+        for key in SEQUENCE_KEYS:
+            if key in batch and torch.is_tensor(batch[key]) and batch[key].dim() >= 2:
+                batch[key] = batch[key][:, :max_length]
+    resized = [(names[i], round(s, 4)) for i, s in fit.scales.items() if i in keep]
+    for name, scale in resized:
+        logger.warning("resized the images of sample %s to %.0f%% of their area", name, 100 * scale)
+    batch["dropped"] = [(names[i], why) for i, why in dropped]
+    batch["resized"] = resized
+    batch["num_images"] = sum(len(_images(conversations[i])) for i in keep)
+    return batch
+
+
+def _usable_conversations(examples: list[dict], processor) -> tuple[dict, list]:
+    """The samples' conversations by index, and ``(index, reason)`` for those left out (an
+    unreadable image, or a ``sample_problem``)."""
     conversations: dict[int, list[dict]] = {}
     dropped: list[tuple[int, str]] = []
     for i, example in enumerate(examples):
@@ -477,59 +497,66 @@ def default_collate_fn(
             conversations[i] = conversation
         else:
             dropped.append((i, why))
-    can_resize = max_length is not None and resizes_by_max_pixels(processor)
-    scales: dict[int, float] = {}
-    attempts: dict[int, int] = {}
-    keep = list(conversations)
-    batch = None
-    while keep:
-        batch = render_batch([conversations[i] for i in keep], processor)
-        retry = False
-        for row, i in enumerate(keep):
-            problem = _length_problem(row, batch, image_ids, max_length)
-            if problem is None:
-                continue
-            why, overlength = problem
-            if overlength and can_resize and _images(conversations[i]):
-                if attempts.get(i, 0) < _RESIZE_ATTEMPTS:
-                    # Aim the image tokens at what is left of max_length after the text, with a
-                    # margin for the processor's rounding to whole patches.
-                    n_image = int(torch.isin(batch["input_ids"][row], image_ids).sum())
-                    length = int(batch["attention_mask"][row].sum())
-                    budget = max(1, max_length - (length - n_image))
-                    scale = min(0.9, 0.9 * budget / max(1, n_image))
-                    scales[i] = scales.get(i, 1.0) * scale
-                    attempts[i] = attempts.get(i, 0) + 1
-                    conversations[i] = _shrink(conversations[i], scale, _max_pixels(processor))
-                    retry = True
+    return conversations, dropped
+
+
+class _Fit:
+    """Renders a batch until every row fits ``max_length``: a row too long has its images
+    shrunk (families sized by ``max_pixels``) and is rendered again, or follows
+    ``on_overlength``."""
+
+    def __init__(self, processor, max_length: int | None, on_overlength: str, names: list[str]):
+        self.processor = processor
+        self.max_length = max_length
+        self.on_overlength = on_overlength
+        self.names = names
+        self.image_ids = torch.tensor(image_token_ids(processor))
+        self.can_resize = max_length is not None and resizes_by_max_pixels(processor)
+        self.scales: dict[int, float] = {}
+        self.attempts: dict[int, int] = {}
+
+    def render(self, conversations: dict, dropped: list) -> tuple[list[int], dict | None]:
+        """The kept indices and their batch; ``conversations`` (shrunk images) and ``dropped``
+        are updated in place."""
+        keep, batch = list(conversations), None
+        while keep:
+            batch = render_batch([conversations[i] for i in keep], self.processor)
+            retry = False
+            for row, i in enumerate(keep):
+                problem = _length_problem(row, batch, self.image_ids, self.max_length)
+                if problem is None:
                     continue
-                why += f" (images shrunk {attempts[i]} times, still too long)"
-            if overlength and on_overlength == "error":
-                raise UsageError(
-                    f"sample {names[i]}: {why}; raise dataloader.collate_fn.max_length or set "
-                    "dataloader.collate_fn.on_overlength=drop"
-                )
-            dropped.append((i, why))
-            retry = True
-        if not retry:
-            break
-        # Re-render without the bad samples: per-family image tensors (tiles, grids) are laid
-        # out by the processor, so removing rows by hand would be family-specific.
-        gone = {i for i, _ in dropped}
-        keep = [i for i in keep if i not in gone]
-    if not keep:
-        return None
-    if max_length is not None and batch["input_ids"].shape[1] > max_length:
-        for key in SEQUENCE_KEYS:
-            if key in batch and torch.is_tensor(batch[key]) and batch[key].dim() >= 2:
-                batch[key] = batch[key][:, :max_length]
-    resized = [(names[i], round(s, 4)) for i, s in scales.items() if i in keep]
-    for name, scale in resized:
-        logger.warning("resized the images of sample %s to %.0f%% of their area", name, 100 * scale)
-    batch["dropped"] = [(names[i], why) for i, why in dropped]
-    batch["resized"] = resized
-    batch["num_images"] = sum(len(_images(conversations[i])) for i in keep)
-    return batch
+                retry = True
+                why, overlength = problem
+                if overlength and self.can_resize and _images(conversations[i]):
+                    if self.attempts.get(i, 0) < _RESIZE_ATTEMPTS:
+                        conversations[i] = self.shrink(conversations[i], i, row, batch)
+                        continue
+                    why += f" (images shrunk {self.attempts[i]} times, still too long)"
+                if overlength and self.on_overlength == "error":
+                    raise UsageError(
+                        f"sample {self.names[i]}: {why}; raise dataloader.collate_fn.max_length "
+                        "or set dataloader.collate_fn.on_overlength=drop"
+                    )
+                dropped.append((i, why))
+            if not retry:
+                break
+            # Re-render without the bad samples: per-family image tensors (tiles, grids) are
+            # laid out by the processor, so removing rows by hand would be family-specific.
+            gone = {i for i, _ in dropped}
+            keep = [i for i in keep if i not in gone]
+        return keep, batch
+
+    def shrink(self, conversation: list[dict], i: int, row: int, batch: dict) -> list[dict]:
+        """The conversation with its images scaled so the image tokens aim at what is left of
+        ``max_length`` after the text, with a margin for rounding to whole patches."""
+        n_image = int(torch.isin(batch["input_ids"][row], self.image_ids).sum())
+        length = int(batch["attention_mask"][row].sum())
+        budget = max(1, self.max_length - (length - n_image))
+        scale = min(0.9, 0.9 * budget / max(1, n_image))
+        self.scales[i] = self.scales.get(i, 1.0) * scale
+        self.attempts[i] = self.attempts.get(i, 0) + 1
+        return _shrink(conversation, scale, _max_pixels(self.processor))
 
 
 def _sample_name(example: dict, index: int) -> str:
