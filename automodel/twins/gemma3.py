@@ -151,35 +151,9 @@ def _check_gemma3_sizes(s: Mapping[str, Any]) -> None:
     )
 
 
-def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
-    from transformers import (
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
-        Gemma3TextConfig,
-        SiglipVisionConfig,
-    )
-
-    sizes = resolve_sizes("gemma3", GEMMA3_DEFAULTS, overrides)
-    _check_gemma3_sizes(sizes)
-
-    raw = train_tokenizer(GEMMA3_SPECIAL_TOKENS, sizes["vocab_size"], bos_token="<bos>")
-    tokenizer = wrap_tokenizer(
-        raw,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        chat_template=GEMMA3_CHAT_TEMPLATE,
-        # Gemma3Processor reads these attributes (tokenizer.image_token, .boi_token_id, ...).
-        extra_special_tokens={
-            "image_token": "<image_soft_token>",
-            "boi_token": "<start_of_image>",
-            "eoi_token": "<end_of_image>",
-        },
-    )
-    eos_ids = [tokenizer.eos_token_id, token_id(tokenizer, "<end_of_turn>")]
+def _gemma3_configs(sizes: dict, tokenizer, eos_ids: list[int]) -> tuple[Any, Any]:
+    """Gemma 3's text config (sliding and global layers) and its SigLIP tower's config."""
+    from transformers import Gemma3TextConfig, SiglipVisionConfig
 
     text_config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
@@ -212,6 +186,38 @@ def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
         # get no gradient and DDP stops on unused parameters.
         vision_use_head=False,
     )
+    return text_config, vision_config
+
+
+def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    sizes = resolve_sizes("gemma3", GEMMA3_DEFAULTS, overrides)
+    _check_gemma3_sizes(sizes)
+
+    raw = train_tokenizer(GEMMA3_SPECIAL_TOKENS, sizes["vocab_size"], bos_token="<bos>")
+    tokenizer = wrap_tokenizer(
+        raw,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        # Gemma3Processor reads these attributes (tokenizer.image_token, .boi_token_id, ...).
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
+    eos_ids = [tokenizer.eos_token_id, token_id(tokenizer, "<end_of_turn>")]
+
+    text_config, vision_config = _gemma3_configs(sizes, tokenizer, eos_ids)
     config = Gemma3Config(
         text_config=text_config,
         vision_config=vision_config,

@@ -64,6 +64,38 @@ IDEFICS3_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _processor(smol: bool, sizes: dict, tokenizer, image_seq_len: int, template: str):
+    """SmolVLM's or Idefics3's processor: image splitting into tiles plus a global view."""
+    import transformers as tf
+
+    image_kwargs = {
+        "do_image_splitting": True,
+        "size": {"longest_edge": sizes["longest_edge"]},
+        "max_image_size": {"longest_edge": sizes["image_size"]},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    if smol:
+        processor = tf.SmolVLMProcessor(
+            image_processor=tf.SmolVLMImageProcessor(**image_kwargs),
+            video_processor=tf.SmolVLMVideoProcessor(
+                size={"longest_edge": sizes["longest_edge"]},
+                max_image_size={"longest_edge": sizes["image_size"]},
+            ),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=template,
+        )
+    else:
+        processor = tf.Idefics3Processor(
+            image_processor=tf.Idefics3ImageProcessor(**image_kwargs),
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=template,
+        )
+    return processor
+
+
 def build_idefics3_like(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
     import transformers as tf
 
@@ -119,31 +151,7 @@ def build_idefics3_like(out_dir: Path, seed: int, family: str, **overrides: Any)
     config.dtype = torch.float32
     model_cls = tf.SmolVLMForConditionalGeneration if smol else tf.Idefics3ForConditionalGeneration
     model = init_model(lambda: model_cls(config), seed)
-    image_kwargs = {
-        "do_image_splitting": True,
-        "size": {"longest_edge": sizes["longest_edge"]},
-        "max_image_size": {"longest_edge": sizes["image_size"]},
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-    }
-    if smol:
-        processor = tf.SmolVLMProcessor(
-            image_processor=tf.SmolVLMImageProcessor(**image_kwargs),
-            video_processor=tf.SmolVLMVideoProcessor(
-                size={"longest_edge": sizes["longest_edge"]},
-                max_image_size={"longest_edge": sizes["image_size"]},
-            ),
-            tokenizer=tokenizer,
-            image_seq_len=image_seq_len,
-            chat_template=template,
-        )
-    else:
-        processor = tf.Idefics3Processor(
-            image_processor=tf.Idefics3ImageProcessor(**image_kwargs),
-            tokenizer=tokenizer,
-            image_seq_len=image_seq_len,
-            chat_template=template,
-        )
+    processor = _processor(smol, sizes, tokenizer, image_seq_len, template)
     stops = list(dict.fromkeys([eos, "<end_of_utterance>"]))
     save_twin(model, processor, out_dir, generation_config(tokenizer, stops))
 

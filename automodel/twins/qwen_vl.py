@@ -96,6 +96,40 @@ def _qwen_text_kwargs(sizes: Mapping[str, Any], tokenizer: PreTrainedTokenizerFa
     }
 
 
+def _qwen_configs(family: str, sizes: dict, text: dict) -> tuple[Any, Any, tuple]:
+    """The text and vision configs of Qwen2-VL or Qwen2.5-VL, and the family's config, model
+    and processor classes."""
+    import transformers as tf
+
+    vision = {
+        "depth": sizes["vision_num_hidden_layers"],
+        "num_heads": sizes["vision_num_attention_heads"],
+        "patch_size": sizes["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        vision_config = tf.Qwen2_5_VLVisionConfig(
+            **vision,
+            hidden_size=sizes["vision_hidden_size"],
+            intermediate_size=sizes["vision_intermediate_size"],
+            out_hidden_size=sizes["hidden_size"],
+            # Window attention in every block but the last, as in the real model.
+            window_size=112,
+            fullatt_block_indexes=[sizes["vision_num_hidden_layers"] - 1],
+        )
+        classes = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
+        return tf.Qwen2_5_VLTextConfig(**text), vision_config, classes
+    vision_config = tf.Qwen2VLVisionConfig(
+        **vision,
+        embed_dim=sizes["vision_hidden_size"],
+        mlp_ratio=sizes["vision_intermediate_size"] // sizes["vision_hidden_size"],
+        hidden_size=sizes["hidden_size"],
+    )
+    classes = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+    return tf.Qwen2VLTextConfig(**text), vision_config, classes
+
+
 def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> None:
     import transformers as tf
 
@@ -117,36 +151,8 @@ def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> No
         },
     )
     text = _qwen_text_kwargs(sizes, tokenizer)
-    vision = {
-        "depth": sizes["vision_num_hidden_layers"],
-        "num_heads": sizes["vision_num_attention_heads"],
-        "patch_size": sizes["patch_size"],
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    if family == "qwen2_5_vl":
-        text_config = tf.Qwen2_5_VLTextConfig(**text)
-        vision_config = tf.Qwen2_5_VLVisionConfig(
-            **vision,
-            hidden_size=sizes["vision_hidden_size"],
-            intermediate_size=sizes["vision_intermediate_size"],
-            out_hidden_size=sizes["hidden_size"],
-            # Window attention in every block but the last, as in the real model.
-            window_size=112,
-            fullatt_block_indexes=[sizes["vision_num_hidden_layers"] - 1],
-        )
-        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
-        processor_cls = tf.Qwen2_5_VLProcessor
-    else:
-        text_config = tf.Qwen2VLTextConfig(**text)
-        vision_config = tf.Qwen2VLVisionConfig(
-            **vision,
-            embed_dim=sizes["vision_hidden_size"],
-            mlp_ratio=sizes["vision_intermediate_size"] // sizes["vision_hidden_size"],
-            hidden_size=sizes["hidden_size"],
-        )
-        config_cls, model_cls = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration
-        processor_cls = tf.Qwen2VLProcessor
+    text_config, vision_config, classes = _qwen_configs(family, sizes, text)
+    config_cls, model_cls, processor_cls = classes
     config = config_cls(
         text_config=text_config,
         vision_config=vision_config,
