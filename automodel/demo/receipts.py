@@ -119,6 +119,54 @@ def format_price(value: int) -> str:
     return f"{value:,}"
 
 
+def _check_knobs(
+    n: int, val_n: int, test_n: int, max_items: int, max_qty: int, font_size: int, jitter: int
+) -> None:
+    """Refuses sizes and difficulty knobs out of range, naming the argument."""
+    for name, value in (("n", n), ("val_n", val_n), ("test_n", test_n)):
+        if value < 1:
+            raise UsageError(f"make_receipts: {name}={value} must be at least 1.")
+    if not 1 <= max_items <= len(CATALOGUE):
+        raise UsageError(
+            f"make_receipts: max_items={max_items} must be between 1 and {len(CATALOGUE)} "
+            "(the catalogue size)."
+        )
+    if max_qty < 1:
+        raise UsageError(f"make_receipts: max_qty={max_qty} must be at least 1.")
+    if font_size < 4 or jitter < 0:
+        raise UsageError(
+            f"make_receipts: font_size={font_size} must be at least 4 and jitter={jitter} at "
+            "least 0."
+        )
+
+
+def _write_splits(
+    data_dir: Path, sizes: dict, seed: int, max_items: int, max_qty: int, style, font
+) -> None:
+    """Renders each split's receipts into one parquet file; validation and test draw item
+    combinations not seen in the splits before them."""
+    features = datasets.Features(
+        {"image": datasets.Image(), "ground_truth": datasets.Value("string")}
+    )
+    seen: set[tuple[tuple[str, int], ...]] = set()
+    for split in SPLITS:
+        # A string seed is hashed with SHA-512 by `random`, so it is stable across runs and hosts.
+        rng = random.Random(f"automodel-receipts/{seed}/{split}")
+        held_out = split != "train"
+        images: list[dict[str, Any]] = []
+        truths: list[str] = []
+        new_keys: set[tuple[tuple[str, int], ...]] = set()
+        for image_id in range(sizes[split]):
+            items = _draw_items(rng, max_items, max_qty, avoid=seen if held_out else None)
+            new_keys.add(tuple(items))
+            png, ground_truth = _render(rng, items, style, font, split, image_id)
+            images.append({"bytes": png, "path": None})
+            truths.append(json.dumps(ground_truth, ensure_ascii=False))
+        seen |= new_keys
+        table = pa.table({"image": images, "ground_truth": truths}, schema=features.arrow_schema)
+        pq.write_table(table, data_dir / f"{split}-00000-of-00001.parquet", row_group_size=100)
+
+
 def make_receipts(
     out_dir: str | os.PathLike[str],
     n: int = 1000,
@@ -167,21 +215,7 @@ def make_receipts(
     params["code"] = artifacts.code_version(__name__)
     if reuse and artifacts.is_built(out_dir, "receipts", params):
         return Path(out_dir)
-    for name, value in (("n", n), ("val_n", val_n), ("test_n", test_n)):
-        if value < 1:
-            raise UsageError(f"make_receipts: {name}={value} must be at least 1.")
-    if not 1 <= max_items <= len(CATALOGUE):
-        raise UsageError(
-            f"make_receipts: max_items={max_items} must be between 1 and {len(CATALOGUE)} "
-            "(the catalogue size)."
-        )
-    if max_qty < 1:
-        raise UsageError(f"make_receipts: max_qty={max_qty} must be at least 1.")
-    if font_size < 4 or jitter < 0:
-        raise UsageError(
-            f"make_receipts: font_size={font_size} must be at least 4 and jitter={jitter} at "
-            "least 0."
-        )
+    _check_knobs(n, val_n, test_n, max_items, max_qty, font_size, jitter)
     style = _Style(canvas=canvas, font_size=font_size, margin=max(8, canvas // 24), jitter=jitter)
     font = ImageFont.load_default(size=font_size)
     _check_fits(style, font, max_items, max_qty)
@@ -190,28 +224,8 @@ def make_receipts(
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    features = datasets.Features(
-        {"image": datasets.Image(), "ground_truth": datasets.Value("string")}
-    )
     sizes = {"train": n, "validation": val_n, "test": test_n}
-    seen: set[tuple[tuple[str, int], ...]] = set()
-    for split in SPLITS:
-        # A string seed is hashed with SHA-512 by `random`, so it is stable across runs and hosts.
-        rng = random.Random(f"automodel-receipts/{seed}/{split}")
-        held_out = split != "train"
-        images: list[dict[str, Any]] = []
-        truths: list[str] = []
-        new_keys: set[tuple[tuple[str, int], ...]] = set()
-        for image_id in range(sizes[split]):
-            items = _draw_items(rng, max_items, max_qty, avoid=seen if held_out else None)
-            new_keys.add(tuple(items))
-            png, ground_truth = _render(rng, items, style, font, split, image_id)
-            images.append({"bytes": png, "path": None})
-            truths.append(json.dumps(ground_truth, ensure_ascii=False))
-        seen |= new_keys
-        table = pa.table({"image": images, "ground_truth": truths}, schema=features.arrow_schema)
-        pq.write_table(table, data_dir / f"{split}-00000-of-00001.parquet", row_group_size=100)
-
+    _write_splits(data_dir, sizes, seed, max_items, max_qty, style, font)
     catalogue = ", ".join(f"{name} {format_price(price)}" for name, price in CATALOGUE.items())
     readme = _README.format(
         seed=seed, canvas=canvas, max_items=max_items, catalogue=catalogue, **sizes
@@ -264,6 +278,66 @@ def _quad(box: tuple[float, float, float, float]) -> dict[str, int]:
     return {"x1": x0, "y1": y0, "x2": x1, "y2": y0, "x3": x1, "y3": y1, "x4": x0, "y4": y1}
 
 
+class _Sheet:
+    """Draws a receipt's lines top to bottom and records each word's box, as CORD stores them."""
+
+    def __init__(self, page: Image.Image, style: _Style, font, dx: int, dy: int):
+        self.draw = ImageDraw.Draw(page)
+        self.style, self.font = style, font
+        self.left = style.margin + style.jitter + dx
+        self.right = style.canvas - style.margin - style.jitter + dx
+        self.y = style.margin + style.jitter + dy
+
+    def word(self, text: str, x: float, anchor: str, is_key: int, row: int) -> dict[str, Any]:
+        # "ls"/"rs" anchor at the baseline so digits and letters share one line regardless of
+        # descenders; the stored box is the drawn glyph box.
+        at = (x, self.y + self.style.font_size)
+        self.draw.text(at, text, fill=_INK, font=self.font, anchor=anchor)
+        box = self.draw.textbbox(at, text, font=self.font, anchor=anchor)
+        return {"quad": _quad(box), "is_key": is_key, "row_id": row, "text": text}
+
+    def menu(self, items: list[tuple[str, int]]) -> tuple[list[dict], list[dict], int]:
+        """One line per item (count, name, price): the parse's menu, its valid lines, the
+        total in cents."""
+        menu: list[dict[str, str]] = []
+        valid_line: list[dict[str, Any]] = []
+        total = 0
+        for row, (name, count) in enumerate(items):
+            price = CATALOGUE[name] * count
+            total += price
+            cnt_word = self.word(str(count), self.left, "ls", 0, row)
+            name_x = self.left + self.font.getlength(f"{count} ")
+            name_word = self.word(name, name_x, "ls", 0, row)
+            price_word = self.word(format_price(price), self.right, "rs", 0, row)
+            for category, w in (
+                ("menu.cnt", cnt_word),
+                ("menu.nm", name_word),
+                ("menu.price", price_word),
+            ):
+                valid_line.append(
+                    {"words": [w], "category": category, "group_id": row, "sub_group_id": 0}
+                )
+            menu.append({"nm": name, "cnt": str(count), "price": format_price(price)})
+            self.y += self.style.pitch
+        return menu, valid_line, total
+
+    def total(self, total: int, row: int) -> dict[str, Any]:
+        """A rule between the menu and the total, as printed receipts have, then the total."""
+        style = self.style
+        rule_y = self.y + style.pitch // 4
+        width = max(2, style.font_size // 12)
+        self.draw.line([(self.left, rule_y), (self.right, rule_y)], fill=_INK, width=width)
+        self.y += style.pitch // 2
+        key_word = self.word("TOTAL", self.left, "ls", 1, row)
+        total_word = self.word(format_price(total), self.right, "rs", 0, row)
+        return {
+            "words": [key_word, total_word],
+            "category": "total.total_price",
+            "group_id": row,
+            "sub_group_id": 0,
+        }
+
+
 def _render(
     rng: random.Random,
     items: list[tuple[str, int]],
@@ -275,58 +349,11 @@ def _render(
     """Draw one receipt; return its PNG bytes and its CORD-style ground truth."""
     paper = rng.randint(_PAPER_MIN, 255)
     page = Image.new("L", (style.canvas, style.canvas), paper)
-    draw = ImageDraw.Draw(page)
     dx = rng.randint(-style.jitter, style.jitter)
     dy = rng.randint(-style.jitter, style.jitter)
-    left = style.margin + style.jitter + dx
-    right = style.canvas - style.margin - style.jitter + dx
-    y = style.margin + style.jitter + dy
-
-    valid_line: list[dict[str, Any]] = []
-
-    def word(text: str, x: float, anchor: str, is_key: int, row: int) -> dict[str, Any]:
-        # "ls"/"rs" anchor at the baseline so digits and letters share one line regardless of
-        # descenders; the stored box is the drawn glyph box.
-        draw.text((x, y + style.font_size), text, fill=_INK, font=font, anchor=anchor)
-        box = draw.textbbox((x, y + style.font_size), text, font=font, anchor=anchor)
-        return {"quad": _quad(box), "is_key": is_key, "row_id": row, "text": text}
-
-    menu: list[dict[str, str]] = []
-    total = 0
-    for row, (name, count) in enumerate(items):
-        price = CATALOGUE[name] * count
-        total += price
-        cnt_word = word(str(count), left, "ls", 0, row)
-        name_x = left + font.getlength(f"{count} ")
-        name_word = word(name, name_x, "ls", 0, row)
-        price_word = word(format_price(price), right, "rs", 0, row)
-        for category, w in (
-            ("menu.cnt", cnt_word),
-            ("menu.nm", name_word),
-            ("menu.price", price_word),
-        ):
-            valid_line.append(
-                {"words": [w], "category": category, "group_id": row, "sub_group_id": 0}
-            )
-        menu.append({"nm": name, "cnt": str(count), "price": format_price(price)})
-        y += style.pitch
-
-    # A rule between the menu and the total, as printed receipts have.
-    rule_y = y + style.pitch // 4
-    draw.line([(left, rule_y), (right, rule_y)], fill=_INK, width=max(2, style.font_size // 12))
-    y += style.pitch // 2
-    row = len(items)
-    key_word = word("TOTAL", left, "ls", 1, row)
-    total_word = word(format_price(total), right, "rs", 0, row)
-    valid_line.append(
-        {
-            "words": [key_word, total_word],
-            "category": "total.total_price",
-            "group_id": row,
-            "sub_group_id": 0,
-        }
-    )
-
+    sheet = _Sheet(page, style, font, dx, dy)
+    menu, valid_line, total = sheet.menu(items)
+    valid_line.append(sheet.total(total, len(items)))
     ground_truth = {
         "gt_parse": {"menu": menu, "total": {"total_price": format_price(total)}},
         "meta": {
