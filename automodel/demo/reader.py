@@ -21,6 +21,7 @@ from typing import Any
 
 import datasets
 import torch
+import torch.nn.functional as F
 
 from automodel import artifacts
 from automodel.config.sections import LrSchedulerConfig
@@ -136,6 +137,96 @@ def _pixels(processor, images: list[dict], chunk: int = 256) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _ReadingTask:
+    """The two throwaway heads over the tower's soft tokens and their labels: each field
+    spelled from all soft tokens, and the characters printed under each soft token."""
+
+    def __init__(self, model, truths: list[dict], max_lines: int):
+        self.model, self.base = model, model.model
+        self.tokens = model.config.mm_tokens_per_image
+        hidden = model.config.text_config.hidden_size
+        grid = math.isqrt(self.tokens)
+        fields = [receipt_fields(truth["gt_parse"], max_lines) for truth in truths]
+        cells = [cell_characters(truth, grid, _CELL_CHARS) for truth in truths]
+        self.targets = _Targets(fields, {c for row in cells for cell in row for c in cell})
+        self.labels = torch.tensor([self.targets.encode(row) for row in fields])
+        self.cell_labels = torch.tensor(
+            [self.targets.encode_cells(row, _CELL_CHARS) for row in cells]
+        )
+        # Each soft token also spells what is printed under it: a reading that stays where the
+        # text is, which the decoder's attention can find and copy.
+        self.cell_head = torch.nn.Linear(hidden, _CELL_CHARS * len(self.targets.charset))
+        # Each soft token is squeezed to a few features first, which keeps the head (and its
+        # optimizer state) small next to the tower however many fields and characters there are.
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(hidden, _TOKEN_FEATURES),
+            torch.nn.Flatten(1),
+            torch.nn.Linear(
+                self.tokens * _TOKEN_FEATURES, self.targets.positions * len(self.targets.charset)
+            ),
+        )
+
+    def learners(self) -> torch.nn.ModuleDict:
+        """The tower, projector and heads: the only parameters that train."""
+        base = self.base
+        trained = [*base.vision_tower.parameters(), *base.multi_modal_projector.parameters()]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(True)
+        return torch.nn.ModuleDict(
+            {
+                "vision_tower": base.vision_tower,
+                "multi_modal_projector": base.multi_modal_projector,
+                "head": self.head,
+                "cell_head": self.cell_head,
+            }
+        )
+
+    def loss(self, pixels: torch.Tensor, batch: torch.Tensor):
+        """Both heads' cross-entropy on one batch of receipts; also the field head's logits."""
+        features = self.base.get_image_features(pixels[batch].float()).pooler_output
+        logits = self.head(features).view(len(batch), self.targets.positions, -1)
+        loss = F.cross_entropy(logits.flatten(0, 1), self.labels[batch].flatten())
+        cell_logits = self.cell_head(features).view(len(batch), self.tokens * _CELL_CHARS, -1)
+        return loss + F.cross_entropy(
+            cell_logits.flatten(0, 1), self.cell_labels[batch].flatten()
+        ), logits
+
+    def train(self, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int):
+        """``steps`` AdamW steps with the fine-tune's own optimizer and schedule builders,
+        printing the loss every fifth of the run."""
+        optimizer = build_optimizer(
+            {"_target_": "torch.optim.AdamW", "lr": lr, "weight_decay": 0.0},
+            self.learners(),
+            where="teach_tower_to_read.optimizer",
+        )
+        warmup = LrSchedulerConfig(lr_warmup_steps=max(1, steps // 20))
+        schedule = build_lr_scheduler(optimizer, steps, warmup)
+        generator = torch.Generator().manual_seed(seed)
+        self.model.train()
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator)
+        cursor, start = 0, time.perf_counter()
+        for step in range(1, steps + 1):
+            if cursor + batch_size > len(order):
+                order, cursor = torch.randperm(n, generator=generator), 0
+            batch = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            loss, logits = self.loss(pixels, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if step % max(1, steps // 5) == 0 or step == steps:
+                accuracy = (logits.argmax(-1) == self.labels[batch]).float().mean().item()
+                print(
+                    f"teach_tower_to_read: step {step}/{steps} loss {loss.item():.4f} "
+                    f"character accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+
+
 def teach_tower_to_read(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -200,8 +291,6 @@ def teach_tower_to_read(
     truths, images = _read_split(data_dir, "train")
     if not truths:
         raise UsageError(f"teach_tower_to_read: {data_dir} has no train receipts.")
-    fields = [receipt_fields(truth["gt_parse"], max_lines) for truth in truths]
-
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     base = model.model
@@ -211,76 +300,11 @@ def teach_tower_to_read(
             "get_image_features / multi_modal_projector)."
         )
     pixels = _pixels(processor, images)
-
-    torch.manual_seed(seed)
-    tokens = model.config.mm_tokens_per_image
-    hidden = model.config.text_config.hidden_size
-    grid = math.isqrt(tokens)
-    cells = [cell_characters(truth, grid, _CELL_CHARS) for truth in truths]
-    targets = _Targets(fields, {c for row in cells for cell in row for c in cell})
-    labels = torch.tensor([targets.encode(row) for row in fields])
-    cell_labels = torch.tensor([targets.encode_cells(row, _CELL_CHARS) for row in cells])
-    # Each soft token also spells what is printed under it: a reading that stays where the
-    # text is, which the decoder's attention can find and copy.
-    cell_head = torch.nn.Linear(hidden, _CELL_CHARS * len(targets.charset))
-    # Each soft token is squeezed to a few features first, which keeps the head (and its
-    # optimizer state) small next to the tower however many fields and characters there are.
-    head = torch.nn.Sequential(
-        torch.nn.Linear(hidden, _TOKEN_FEATURES),
-        torch.nn.Flatten(1),
-        torch.nn.Linear(tokens * _TOKEN_FEATURES, targets.positions * len(targets.charset)),
-    )
-    trained = [*base.vision_tower.parameters(), *base.multi_modal_projector.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
-    # The fine-tune's own optimizer and schedule builders, over the tower, projector and heads.
-    learners = torch.nn.ModuleDict(
-        {
-            "vision_tower": base.vision_tower,
-            "multi_modal_projector": base.multi_modal_projector,
-            "head": head,
-            "cell_head": cell_head,
-        }
-    )
-    optimizer = build_optimizer(
-        {"_target_": "torch.optim.AdamW", "lr": lr, "weight_decay": 0.0},
-        learners,
-        where="teach_tower_to_read.optimizer",
-    )
-    warmup = LrSchedulerConfig(lr_warmup_steps=max(1, steps // 20))
-    schedule = build_lr_scheduler(optimizer, steps, warmup)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    order = torch.randperm(len(truths), generator=generator)
-    cursor, start = 0, time.perf_counter()
-    for step in range(1, steps + 1):
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(truths), generator=generator), 0
-        batch = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        features = base.get_image_features(pixels[batch].float()).pooler_output
-        logits = head(features).view(len(batch), targets.positions, -1)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[batch].flatten())
-        cell_logits = cell_head(features).view(len(batch), tokens * _CELL_CHARS, -1)
-        loss = loss + torch.nn.functional.cross_entropy(
-            cell_logits.flatten(0, 1), cell_labels[batch].flatten()
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(1, steps // 5) == 0 or step == steps:
-            accuracy = (logits.argmax(-1) == labels[batch]).float().mean().item()
-            print(
-                f"teach_tower_to_read: step {step}/{steps} loss {loss.item():.4f} "
-                f"character accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-
+    torch.manual_seed(seed)  # the heads' initialisation
+    task = _ReadingTask(model, truths, max_lines)
+    task.train(pixels, steps, batch_size, lr, seed)
     model.eval()
-    _report_held_out(data_dir, processor, base, head, targets, max_lines)
+    _report_held_out(data_dir, processor, base, task.head, task.targets, max_lines)
     for p in model.parameters():
         p.requires_grad_(True)
     out.mkdir(parents=True, exist_ok=True)
