@@ -227,6 +227,25 @@ class _ReadingTask:
                 )
 
 
+def _load(model_dir: Path, data_dir: Path) -> tuple[list, list, Any, Any]:
+    """The train receipts (truths, images), and the twin's processor and fp32 model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    truths, images = _read_split(data_dir, "train")
+    if not truths:
+        raise UsageError(f"teach_tower_to_read: {data_dir} has no train receipts.")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    if not hasattr(model.model, "get_image_features") or not hasattr(
+        model.model, "multi_modal_projector"
+    ):
+        raise UsageError(
+            f"teach_tower_to_read: {model_dir} is not a Gemma-3-style model (no "
+            "get_image_features / multi_modal_projector)."
+        )
+    return truths, images, processor, model
+
+
 def teach_tower_to_read(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -264,8 +283,6 @@ def teach_tower_to_read(
     Raises:
         UsageError: the model has no Gemma-3-style image features, or the data has no train rows.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out_dir)
     params = {
         "model": artifacts.built_record(model_dir),
@@ -287,18 +304,8 @@ def teach_tower_to_read(
             f"teach_tower_to_read: steps={steps}, batch_size={batch_size} and "
             f"max_lines={max_lines} must each be at least 1."
         )
-
-    truths, images = _read_split(data_dir, "train")
-    if not truths:
-        raise UsageError(f"teach_tower_to_read: {data_dir} has no train receipts.")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    truths, images, processor, model = _load(model_dir, data_dir)
     base = model.model
-    if not hasattr(base, "get_image_features") or not hasattr(base, "multi_modal_projector"):
-        raise UsageError(
-            f"teach_tower_to_read: {model_dir} is not a Gemma-3-style model (no "
-            "get_image_features / multi_modal_projector)."
-        )
     pixels = _pixels(processor, images)
     torch.manual_seed(seed)  # the heads' initialisation
     task = _ReadingTask(model, truths, max_lines)

@@ -210,9 +210,18 @@ def make_receipts(
     """
     val_n = max(8, n // 10) if val_n is None else val_n
     test_n = max(8, n // 10) if test_n is None else test_n
-    params = {"n": n, "seed": seed, "val_n": val_n, "test_n": test_n, "max_items": max_items}
-    params.update({"max_qty": max_qty, "canvas": canvas, "font_size": font_size, "jitter": jitter})
-    params["code"] = artifacts.code_version(__name__)
+    params = {
+        "n": n,
+        "seed": seed,
+        "val_n": val_n,
+        "test_n": test_n,
+        "max_items": max_items,
+        "max_qty": max_qty,
+        "canvas": canvas,
+        "font_size": font_size,
+        "jitter": jitter,
+        "code": artifacts.code_version(__name__),
+    }
     if reuse and artifacts.is_built(out_dir, "receipts", params):
         return Path(out_dir)
     _check_knobs(n, val_n, test_n, max_items, max_qty, font_size, jitter)

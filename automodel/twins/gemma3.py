@@ -3,6 +3,7 @@ and global layers."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -189,6 +190,13 @@ def _gemma3_configs(sizes: dict, tokenizer, eos_ids: list[int]) -> tuple[Any, An
     return text_config, vision_config
 
 
+def _draw_projection(model: PreTrainedModel, std: float) -> None:
+    # Gemma 3 initialises the image projection to zeros, which makes a fresh model blind to its
+    # images and leaves the vision tower without gradient on the first step. A trained
+    # checkpoint never looks like that, so the twin draws it like any other weight.
+    model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, std)
+
+
 def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
     from transformers import (
         Gemma3Config,
@@ -228,14 +236,8 @@ def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
     )
     config.dtype = torch.float32
 
-    def init_projection(model: PreTrainedModel) -> None:
-        # Gemma 3 initialises the image projection to zeros, which makes a fresh model blind to
-        # its images and leaves the vision tower without gradient on the first step. A trained
-        # checkpoint never looks like that, so the twin draws it like any other weight.
-        weight = model.model.multi_modal_projector.mm_input_projection_weight
-        weight.normal_(0.0, config.initializer_range)
-
-    model = init_model(lambda: Gemma3ForConditionalGeneration(config), seed, init_projection)
+    init = functools.partial(_draw_projection, std=config.initializer_range)
+    model = init_model(lambda: Gemma3ForConditionalGeneration(config), seed, init)
 
     image_processor = Gemma3ImageProcessor(
         size={"height": sizes["image_size"], "width": sizes["image_size"]},
