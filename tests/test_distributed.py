@@ -323,7 +323,7 @@ def _image_conversations(path: Path, order: list[int]) -> dict:
     }
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp2", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_vision_loss_with_two_ranks_matches_one_process(strategy, tiny_gemma3, tmp_path):
     """The alignment loss is computed inside the data-parallel module, so it trains with 2 ranks.
 
