@@ -24,13 +24,14 @@ from typing import Any
 
 from automodel import artifacts
 from automodel.errors import UsageError
+from automodel.twins.common import HubTemplate
 from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
 
-__all__ = ["TWIN_FAMILIES", "make_tiny"]
+__all__ = ["TWIN_FAMILIES", "TWIN_TEMPLATES", "make_tiny"]
 
 # family name -> builder(out_dir, seed, **overrides), which writes the twin into out_dir.
 TWIN_FAMILIES: dict[str, Callable[..., None]] = {
@@ -43,6 +44,10 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "llava": build_llava,
     "llava_siglip": build_llava_siglip,
 }
+
+# family name -> the hub chat template its twin carries verbatim (every family with a chat
+# template; PaliGemma, a prefix-LM, has none).
+TWIN_TEMPLATES: dict[str, HubTemplate] = {}
 
 
 def make_tiny(

@@ -4,6 +4,7 @@ and the Llama decoder and SigLIP tower configs that several families use."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,28 @@ def siglip_config(sizes: Mapping[str, Any]):
         # unused pooling head would get no gradient and stop DDP.
         vision_use_head=False,
     )
+
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class HubTemplate:
+    """A hub checkpoint's chat template, stored byte for byte in ``automodel/twins/templates/``.
+
+    Attributes:
+        file: the file name under ``automodel/twins/templates/``.
+        checkpoint: the hub checkpoint that ships it (``owner/name``).
+        source: where the copy was taken from (a package file, or a public repository's path and
+            commit), so anyone can compare it.
+        trl_file: its name in the installed TRL's ``trl/chat_templates/`` when copied from there
+            (a test compares the bytes).
+    """
+
+    file: str
+    checkpoint: str
+    source: str
+    trl_file: str | None = None
+
+    def text(self) -> str:
+        return (TEMPLATES / self.file).read_text(encoding="utf-8")
