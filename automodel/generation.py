@@ -43,6 +43,7 @@ def generate_replies(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[str]:
     """Generates the assistant's next reply to each prompt (greedy, batched, KV cache).
 
@@ -57,6 +58,7 @@ def generate_replies(
         max_new_tokens: the longest reply.
         batch_size: prompts per ``generate`` call.
         on_batch: called with the number of prompts done after each batch (progress bars).
+        chat_template_kwargs: variables for the chat template, as in training.
 
     Returns:
         One reply per prompt, in order, special tokens removed.
@@ -67,7 +69,7 @@ def generate_replies(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
-            inputs = to_model(prompt_inputs(processor, chunk), model)
+            inputs = to_model(prompt_inputs(processor, chunk, chat_template_kwargs), model)
             out = model.generate(
                 **inputs, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True
             )
@@ -81,7 +83,13 @@ def generate_replies(
     return replies
 
 
-def generate_reply(model, processor, messages: list[dict], max_new_tokens: int = 128) -> str:
+def generate_reply(
+    model,
+    processor,
+    messages: list[dict],
+    max_new_tokens: int = 128,
+    chat_template_kwargs: dict | None = None,
+) -> str:
     """Generates the assistant's next reply to ``messages`` (greedy).
 
     Args:
@@ -93,7 +101,10 @@ def generate_reply(model, processor, messages: list[dict], max_new_tokens: int =
     Returns:
         The reply, special tokens removed.
     """
-    return generate_replies(model, processor, [messages], max_new_tokens, batch_size=1)[0]
+    replies = generate_replies(
+        model, processor, [messages], max_new_tokens, 1, chat_template_kwargs=chat_template_kwargs
+    )
+    return replies[0]
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -20,7 +20,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from automodel.cli import main as cli_main
 from automodel.datasets.collate import (
     default_collate_fn,
-    has_generation_markers,
     image_token_ids,
     is_prefix_lm,
     prompt_inputs,
@@ -32,8 +31,6 @@ from automodel.models.forward import label_logits
 from automodel.training.checkpoint import save_hf_folder
 from automodel.twins import TWIN_FAMILIES as FAMILIES
 from tests.conftest import ROOT, labelled_spans, run_python
-
-CHAT_FAMILIES = [f for f in FAMILIES if f != "paligemma"]
 
 
 def end_of_turn(model) -> str:
@@ -109,18 +106,6 @@ def _samples(family: str) -> tuple[list[dict], list[list[str]]]:
     ], replies
 
 
-def _without_markers(processor):
-    """A copy whose chat template has no {% generation %} blocks (as hub checkpoints ship)."""
-    processor = copy.deepcopy(processor)
-    template = re.sub(
-        r"{%(-?)\s*generation\s*(-?)%}", r"{%\1 if true \2%}", processor.chat_template
-    )
-    template = re.sub(r"{%(-?)\s*endgeneration\s*(-?)%}", r"{%\1 endif \2%}", template)
-    processor.chat_template = template
-    processor.tokenizer.chat_template = template
-    return processor
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_labels_are_exactly_the_replies(family, loaded):
     processor, model = loaded(family)
@@ -137,18 +122,6 @@ def test_labels_are_exactly_the_replies(family, loaded):
     ids = torch.tensor(image_token_ids(processor))
     assert not torch.isin(batch["input_ids"], ids)[labelled].any(), "an image token has a label"
     assert not labelled[batch["attention_mask"] == 0].any(), "a padding token has a label"
-
-
-@pytest.mark.parametrize("family", CHAT_FAMILIES)
-def test_templates_without_generation_markers_give_the_same_labels(family, loaded):
-    processor, _ = loaded(family)
-    plain = _without_markers(processor)
-    assert has_generation_markers(processor) and not has_generation_markers(plain)
-    examples, _ = _samples(family)
-    marked = default_collate_fn(examples, processor)
-    diffed = default_collate_fn(examples, plain)
-    assert torch.equal(marked["input_ids"], diffed["input_ids"])
-    assert torch.equal(marked["labels"], diffed["labels"])
 
 
 def test_prefix_lm_is_detected_by_capability(loaded):

@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from automodel.datasets.collate import default_collate_fn
 from automodel.errors import UsageError
 from automodel.twins import TWIN_FAMILIES, make_tiny
-from automodel.twins.gemma3 import GEMMA3_CHAT_TEMPLATE
+from automodel.twins.gemma3 import CHAT_TEMPLATE
 from automodel.twins.tokenizer import train_tokenizer
+from tests.conftest import labelled_spans
 
 SYSTEM = "You read receipts."
 QUESTION = "What is on the receipt?"
@@ -90,8 +92,8 @@ def test_loads_with_auto_classes(gemma3):
     assert generation.bos_token_id == tokenizer.bos_token_id
 
     assert (gemma3["path"] / "chat_template.jinja").is_file()
-    assert processor.chat_template == GEMMA3_CHAT_TEMPLATE
-    assert tokenizer.chat_template == GEMMA3_CHAT_TEMPLATE
+    assert processor.chat_template == CHAT_TEMPLATE.text()
+    assert tokenizer.chat_template == CHAT_TEMPLATE.text()
 
 
 def test_causal_lm_auto_class_maps_to_conditional_generation(gemma3):
@@ -158,34 +160,21 @@ def test_generate_with_image(gemma3):
     assert inputs["input_ids"].shape[1] < output.shape[1] <= inputs["input_ids"].shape[1] + 4
 
 
-def test_assistant_mask_covers_exactly_the_replies(gemma3):
+def test_labels_cover_exactly_the_replies(gemma3):
+    """Under the hub template (no {% generation %} blocks), the collate labels each reply and
+    its <end_of_turn>, never an image token."""
     processor = gemma3["processor"]
     tokenizer = processor.tokenizer
-    out = processor.apply_chat_template(
-        _two_turns(),
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        return_tensors="pt",
-    )
+    out = default_collate_fn([{"conversation": _two_turns()}], processor)
     ids = out["input_ids"][0].tolist()
-    mask = out["assistant_masks"][0].tolist()
-
-    runs, current = [], []
-    for token, masked in zip(ids, mask):
-        if masked:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    decoded = [tokenizer.decode(run) for run in runs]
-    assert decoded == [f"{REPLY_1}<end_of_turn>", f"{REPLY_2}<end_of_turn>"]
-
+    assert labelled_spans(out["labels"][0], tokenizer) == [
+        f"{REPLY_1}<end_of_turn>",
+        f"{REPLY_2}<end_of_turn>",
+    ]
     image_tokens = {tokenizer.image_token_id, tokenizer.boi_token_id, tokenizer.eoi_token_id}
     assert ids.count(tokenizer.image_token_id) == processor.image_seq_length
-    assert not any(m and t in image_tokens for t, m in zip(ids, mask))
+    labelled = (out["labels"][0] != -100).tolist()
+    assert not any(m and t in image_tokens for t, m in zip(ids, labelled))
     # The processor marks the image tokens for the bidirectional image attention mask.
     token_types = out["token_type_ids"][0].tolist()
     assert [t == tokenizer.image_token_id for t in ids] == [bool(x) for x in token_types]

@@ -1,20 +1,30 @@
 """Turns conversation samples into a model batch with answer-only labels.
 
-Labels cover exactly the assistant replies and their end-of-turn token; everything else
-(system, prompt, image and padding tokens) is ``-100``. There is no per-family string matching;
-the processor's capabilities choose one of three renderings:
+Labels cover exactly the assistant replies as the model would generate them, each with the token
+that stops generation; everything else (system, prompt, image and padding tokens) is ``-100``.
+There is no per-family string matching; the processor's capabilities choose the rendering:
 
-- a chat template with ``{% generation %}`` blocks (every tiny twin's): ``apply_chat_template(...,
-  return_assistant_tokens_mask=True)`` marks the reply tokens;
-- a chat template without them (most hub checkpoints): the conversation is rendered prefix by
-  prefix (``conversation[:i]`` with the generation prompt, then ``conversation[:i+1]``), the
-  difference is the reply's character span, and the processor's offset mapping turns spans into
-  tokens exactly as transformers does for ``{% generation %}`` spans;
+- a chat template (every hub chat checkpoint's, as it ships): each reply ``i`` is what
+  ``conversation[:i+1]`` renders after ``conversation[:i]`` with the generation prompt, without
+  trailing whitespace, so it is labelled exactly as the model generates it after the prompt the
+  template gives at that turn. When the template renders the whole conversation as the
+  concatenation of those turns, the sample is one row labelled at every reply; when it renders
+  history differently from generation (Qwen3 / Qwen3.5 thinking templates drop earlier turns'
+  reasoning, Gemma 4's likewise), the sample becomes one row per reply, each after the prompt
+  the model would have seen. The processor's offset mapping turns character spans into tokens
+  exactly as transformers does for ``{% generation %}`` spans. A template that does not render
+  a reply after its own generation prompt is used through its ``{% generation %}`` blocks when
+  it has them;
 - no chat template but a ``suffix=`` argument (PaliGemma, a prefix-LM): the user turn is the
   prefix, the reply the suffix; the processor builds ``token_type_ids`` and the labels. A prefix-LM
   sample holds one user turn (optionally after a system turn) and one reply: a multi-turn sample
   is dropped with that reason, because folding earlier replies into the prefix would silently
   stop training on them.
+
+Thinking: ``chat_template_kwargs`` pass through to the template (``enable_thinking`` is False
+unless they set it); a sample with reasoning on an assistant turn (a ``reasoning``, ``thinking``
+or ``reasoning_content`` string) renders with ``enable_thinking=True``, its reasoning inside the
+template's think block and labelled with the reply.
 
 Samples that would break the model or the loss are dropped from the batch with a reason
 (``batch["dropped"]``, printed and counted by the training loop): no reply or an empty reply, an
@@ -38,6 +48,7 @@ import weakref
 from typing import Any, Literal, get_args
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 
 from automodel.common import IGNORE_INDEX, SEQUENCE_KEYS
@@ -50,6 +61,9 @@ OnOverlength = Literal["drop", "error"]
 OVERLENGTH_POLICIES = get_args(OnOverlength)
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+# Where a sample's assistant turn may carry its reasoning (the thinking before the reply).
+REASONING_KEYS = ("reasoning", "thinking", "reasoning_content")
 
 # Attempts at shrinking an over-length sample's images before the policy applies.
 _RESIZE_ATTEMPTS = 3
@@ -64,21 +78,26 @@ def image_token_ids(processor) -> list[int]:
 # ------------------------------------------------------------------------------ capabilities
 def _chat_template(processor) -> str | None:
     """The processor's chat template, with the family's template fix-up applied."""
-    template = getattr(processor, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    fixup = families.family_of_processor(processor).template_fixup
-    if template and fixup is not None:
-        template = fixup(template)
-    return template or None
+    return families.chat_template(processor)
 
 
-def _template_kwargs(processor) -> dict[str, str]:
-    """``chat_template=`` for ``apply_chat_template`` when the family's template needs a fix-up
-    (else nothing: the processor's own template is used)."""
-    if families.family_of_processor(processor).template_fixup is None:
-        return {}
-    return {"chat_template": _chat_template(processor)}
+def template_kwargs(
+    processor, conversations: list[list[dict]], chat_template_kwargs: dict | None = None
+) -> dict[str, Any]:
+    """What ``apply_chat_template`` renders ``conversations`` with: ``chat_template_kwargs``
+    over ``enable_thinking=False``, thinking turned on when a sample carries reasoning on an
+    assistant turn, and ``chat_template=`` when the family's template needs a fix-up."""
+    kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+    template = _chat_template(processor) or ""
+    # Only a template that reads the switch gets it (transformers passes any other keyword to
+    # the processor, with a warning).
+    if re.search(r"\benable_thinking\b", template):
+        kwargs.setdefault("enable_thinking", False)
+        if any(_reasoning(m) for c in conversations for m in c if m["role"] == "assistant"):
+            kwargs["enable_thinking"] = True
+    if families.family_of_processor(processor).template_fixup is not None:
+        kwargs["chat_template"] = template
+    return kwargs
 
 
 def has_generation_markers(processor) -> bool:
@@ -154,8 +173,23 @@ def _normalize(conversation: list[dict]) -> list[dict]:
                     image = load_image(image)
                 part = {"type": "image", "image": image}
             parts.append(part)
-        messages.append({"role": message["role"], "content": parts})
+        normalized = {"role": message["role"], "content": parts}
+        reasoning = _reasoning(message)
+        if reasoning:
+            # Each template reads reasoning under its own name (Qwen3.5 reasoning_content,
+            # Gemma 4 reasoning, LFM2.5 thinking).
+            normalized.update(dict.fromkeys(REASONING_KEYS, reasoning))
+        messages.append(normalized)
     return messages
+
+
+def _reasoning(message: dict) -> str | None:
+    """The reasoning a turn carries (the first non-empty ``REASONING_KEYS`` string), or None."""
+    for key in REASONING_KEYS:
+        value = message.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def _text(message: dict) -> str:
@@ -222,7 +256,7 @@ def _labels(batch: dict, mask: torch.Tensor, processor) -> dict:
     return batch
 
 
-def _render_with_markers(conversations: list[list[dict]], processor) -> dict:
+def _render_with_markers(conversations: list[list[dict]], processor, kwargs: dict) -> dict:
     batch = processor.apply_chat_template(
         conversations,
         tokenize=True,
@@ -230,55 +264,68 @@ def _render_with_markers(conversations: list[list[dict]], processor) -> dict:
         return_tensors="pt",
         processor_kwargs={"padding": True, "padding_side": "right"},
         return_assistant_tokens_mask=True,
-        **_template_kwargs(processor),
+        **kwargs,
     )
     batch = dict(batch)
     mask = batch.pop("assistant_masks")
     return _labels(batch, torch.as_tensor(mask), processor)
 
 
-def reply_spans(conversation: list[dict], processor) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each reply (with its end-of-turn).
+class SampleRefused(ValueError):
+    """The chat template refuses one conversation of a batch (``index``)."""
 
-    Works with any chat template that renders a conversation as the concatenation of its
-    prefixes: reply ``i`` is what ``conversation[:i+1]`` adds to ``conversation[:i]`` followed
-    by the generation prompt, without trailing whitespace.
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index = index
+
+
+class _NotAfterPrompt(Exception):
+    """The template does not render a reply after its own generation prompt."""
+
+
+def reply_rows(
+    conversation: list[dict], processor, kwargs: dict
+) -> list[tuple[str, list[tuple[int, int]], list[Image.Image]]]:
+    """The rows ``conversation`` trains as: each row's rendered text, the character span of
+    each reply it labels (with its stop token) and its images.
+
+    Reply ``i`` is what ``conversation[:i+1]`` adds to ``conversation[:i]`` followed by the
+    generation prompt, without trailing whitespace: the reply as the model generates it. One
+    row labels every reply when the whole conversation renders as those turns in sequence;
+    otherwise (the template renders history differently from generation) each reply gets its
+    own row, after the prompt the model would have seen at that turn.
 
     Raises:
-        UsageError: the template does not render conversations prefix by prefix.
+        _NotAfterPrompt: a reply does not render after its generation prompt.
     """
 
     def render(messages: list[dict], generation_prompt: bool) -> str:
         return processor.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
-            **_template_kwargs(processor),
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
         )
 
     full = render(conversation, False)
-    spans = []
+    turns, whole = [], True
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
         before = render(conversation[:i], True)
         upto = render(conversation[: i + 1], False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise UsageError(
-                f"the chat template of {type(processor).__name__} does not render a "
-                "conversation as the concatenation of its turns, so replies cannot be located; "
-                "give it a template that wraps each reply in {% generation %}...{% endgeneration %}"
-            )
-        spans.append((len(before), len(upto.rstrip())))
-    return full, spans
+        if not upto.startswith(before):
+            raise _NotAfterPrompt(i)
+        turns.append((upto, (len(before), len(upto.rstrip())), _images(conversation[:i])))
+        whole = whole and full.startswith(upto)
+    if whole:
+        return [(full, [span for _, span, _ in turns], _images(conversation))]
+    return [(text, [span], images) for text, span, images in turns]
 
 
-def _render_by_prefixes(conversations: list[list[dict]], processor) -> dict:
-    texts, spans = zip(*(reply_spans(c, processor) for c in conversations))
-    images = [_images(c) for c in conversations]
+def _render_by_prefixes(rows: list[tuple[str, list, list]], processor) -> dict:
+    texts = [text for text, _, _ in rows]
+    images = [row_images for _, _, row_images in rows]
     bos = getattr(processor.tokenizer, "bos_token", None)
     batch = processor(
-        text=list(texts),
+        text=texts,
         images=images if any(images) else None,
         padding=True,
         padding_side="right",
@@ -292,7 +339,7 @@ def _render_by_prefixes(conversations: list[list[dict]], processor) -> dict:
     offsets = batch.pop("offset_mapping").tolist()
     replaced = batch.pop("text_replacement_offsets", None) or [[] for _ in texts]
     mask = torch.zeros_like(batch["input_ids"])
-    for row, row_spans in enumerate(spans):
+    for row, (_, row_spans, _) in enumerate(rows):
         # Image placeholders expand into many tokens: shift each span past the expansions before it.
         ends = [r["span"][1] for r in replaced[row]]
         gained = [0] + [r["new_span"][1] - r["span"][1] for r in replaced[row]]
@@ -332,40 +379,82 @@ def _render_prefix_lm(conversations: list[list[dict]], processor) -> dict:
     return _labels(batch, torch.as_tensor(labels) != IGNORE_INDEX, processor)
 
 
-def render_batch(conversations: list[list[dict]], processor) -> dict[str, torch.Tensor]:
+def render_batch(
+    conversations: list[list[dict]], processor, chat_template_kwargs: dict | None = None
+) -> dict[str, Any]:
     """Renders conversations into model inputs plus ``labels`` (answer-only).
 
     Args:
         conversations: conversations in content-parts form (see ``sample_problem`` for what a
             trainable one looks like).
         processor: the model's Hugging Face processor.
+        chat_template_kwargs: variables for the chat template (e.g. ``enable_thinking``).
 
     Returns:
-        The processor's tensors plus ``labels`` (``-100`` everywhere but reply tokens).
+        The processor's tensors plus ``labels`` (``-100`` everywhere but reply tokens),
+        ``rows``: the conversation each row comes from (a conversation whose template renders
+        history differently from generation becomes one row per reply), and ``num_images``:
+        the images the rows hold.
+
+    Raises:
+        UsageError: the processor has no chat template, or a reply cannot be located.
+        SampleRefused: the template refuses a conversation (e.g. roles that do not alternate).
     """
     conversations = [_normalize(c) for c in conversations]
     if is_prefix_lm(processor):
-        return _render_prefix_lm(conversations, processor)
+        batch = _render_prefix_lm(conversations, processor)
+        return _with_rows(batch, conversations, range(len(conversations)))
     if _chat_template(processor) is None:
         raise UsageError(
             f"the processor {type(processor).__name__} has no chat template; set one "
             "(processor.chat_template) or use a model folder that has chat_template.jinja"
         )
-    if has_generation_markers(processor):
-        return _render_with_markers(conversations, processor)
-    return _render_by_prefixes(conversations, processor)
+    rows, owners = [], []
+    try:
+        for index, conversation in enumerate(conversations):
+            kwargs = template_kwargs(processor, [conversation], chat_template_kwargs)
+            try:
+                sample_rows = reply_rows(conversation, processor, kwargs)
+            except TemplateError as e:
+                raise SampleRefused(index, f"the chat template refuses the sample: {e}") from None
+            rows += sample_rows
+            owners += [index] * len(sample_rows)
+    except _NotAfterPrompt:
+        if not has_generation_markers(processor):
+            raise UsageError(
+                f"the chat template of {type(processor).__name__} does not render a reply "
+                "after its own generation prompt, so replies cannot be located; give it a "
+                "template that wraps each reply in {% generation %}...{% endgeneration %}"
+            ) from None
+        kwargs = template_kwargs(processor, conversations, chat_template_kwargs)
+        batch = _render_with_markers(conversations, processor, kwargs)
+        return _with_rows(batch, conversations, range(len(conversations)))
+    batch = _render_by_prefixes(rows, processor)
+    batch["rows"] = owners
+    batch["num_images"] = sum(len(images) for _, _, images in rows)
+    return batch
 
 
-def prompt_inputs(processor, prompts: list[list[dict]]) -> dict[str, torch.Tensor]:
+def _with_rows(batch: dict, conversations: list[list[dict]], owners) -> dict:
+    batch["rows"] = list(owners)
+    batch["num_images"] = sum(len(_images(c)) for c in conversations)
+    return batch
+
+
+def prompt_inputs(
+    processor, prompts: list[list[dict]], chat_template_kwargs: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Model inputs that prompt the next reply to each conversation (for ``generate``).
 
     Rows are padded on the left: a decoder continues from the last position of every row. A
-    chat processor renders its template with the generation prompt; a prefix-LM (PaliGemma)
-    gets its images and prompt as the prefix, as in training.
+    chat processor renders its template with the generation prompt (and the template variables
+    training used); a prefix-LM (PaliGemma) gets its images and prompt as the prefix, as in
+    training.
 
     Args:
         processor: the model's processor.
         prompts: conversations, each ending with a user turn.
+        chat_template_kwargs: variables for the chat template (e.g. ``enable_thinking``).
 
     Returns:
         The processor's tensors for the batch.
@@ -389,7 +478,7 @@ def prompt_inputs(processor, prompts: list[list[dict]]) -> dict[str, torch.Tenso
             return_dict=True,
             return_tensors="pt",
             processor_kwargs={"padding": True, "padding_side": "left"},
-            **_template_kwargs(processor),
+            **template_kwargs(processor, prompts, chat_template_kwargs),
         )
     return dict(out)
 
@@ -437,6 +526,7 @@ def default_collate_fn(
     processor,
     max_length: int | None = None,
     on_overlength: OnOverlength = "drop",
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Collates conversation samples into one padded batch.
 
@@ -447,12 +537,15 @@ def default_collate_fn(
         on_overlength: what happens to a sample that cannot fit ``max_length`` without cutting
             its image tokens or all its reply tokens (after shrinking its images where the
             family sizes images by ``max_pixels``): ``drop`` it with a reason, or ``error``.
+        chat_template_kwargs: variables for the chat template, e.g. ``{"enable_thinking":
+            True}`` (thinking is off unless they or a sample's reasoning turn it on).
 
     Returns:
-        The processor's tensors plus ``labels``, ``num_images``, ``dropped`` (a list of
-        ``(name, reason)`` for
-        samples left out) and ``resized`` (``(name, scale)`` for samples whose images were
-        shrunk), or ``None`` when no sample in the batch is usable.
+        The processor's tensors plus ``labels``, ``num_images`` (images fed, counted per row),
+        ``dropped`` (a list of ``(name, reason)`` for samples left out) and ``resized``
+        (``(name, scale)`` for samples whose images were shrunk), or ``None`` when no sample in
+        the batch is usable. A sample whose template renders history differently from
+        generation is one row per reply, so a batch may hold more rows than samples.
 
     Raises:
         UsageError: ``on_overlength="error"`` and a sample does not fit.
@@ -464,7 +557,7 @@ def default_collate_fn(
         )
     names = [_sample_name(example, i) for i, example in enumerate(examples)]
     conversations, dropped = _usable_conversations(examples, processor)
-    fit = _Fit(processor, max_length, on_overlength, names)
+    fit = _Fit(processor, max_length, on_overlength, names, chat_template_kwargs)
     keep, batch = fit.render(conversations, dropped)
     if not keep:
         return None
@@ -477,7 +570,6 @@ def default_collate_fn(
         logger.warning("resized the images of sample %s to %.0f%% of their area", name, 100 * scale)
     batch["dropped"] = [(names[i], why) for i, why in dropped]
     batch["resized"] = resized
-    batch["num_images"] = sum(len(_images(conversations[i])) for i in keep)
     return batch
 
 
@@ -501,15 +593,23 @@ def _usable_conversations(examples: list[dict], processor) -> tuple[dict, list]:
 
 
 class _Fit:
-    """Renders a batch until every row fits ``max_length``: a row too long has its images
-    shrunk (families sized by ``max_pixels``) and is rendered again, or follows
-    ``on_overlength``."""
+    """Renders a batch until every row fits ``max_length``: a row too long has its sample's
+    images shrunk (families sized by ``max_pixels``) and is rendered again, or follows
+    ``on_overlength``; a sample the template refuses is dropped."""
 
-    def __init__(self, processor, max_length: int | None, on_overlength: str, names: list[str]):
+    def __init__(
+        self,
+        processor,
+        max_length: int | None,
+        on_overlength: str,
+        names: list[str],
+        chat_template_kwargs: dict | None = None,
+    ):
         self.processor = processor
         self.max_length = max_length
         self.on_overlength = on_overlength
         self.names = names
+        self.chat_template_kwargs = chat_template_kwargs
         self.image_ids = torch.tensor(image_token_ids(processor))
         self.can_resize = max_length is not None and resizes_by_max_pixels(processor)
         self.scales: dict[int, float] = {}
@@ -520,13 +620,21 @@ class _Fit:
         are updated in place."""
         keep, batch = list(conversations), None
         while keep:
-            batch = render_batch([conversations[i] for i in keep], self.processor)
-            retry = False
-            for row, i in enumerate(keep):
+            try:
+                batch = render_batch(
+                    [conversations[i] for i in keep], self.processor, self.chat_template_kwargs
+                )
+            except SampleRefused as e:
+                dropped.append((keep[e.index], str(e)))
+                keep.pop(e.index)
+                continue
+            owners = [keep[k] for k in batch.pop("rows")]
+            gone: set[int] = set()
+            for row, i in enumerate(owners):
                 problem = _length_problem(row, batch, self.image_ids, self.max_length)
-                if problem is None:
+                if problem is None or i in gone:
                     continue
-                retry = True
+                gone.add(i)
                 why, overlength = problem
                 if overlength and self.can_resize and _images(conversations[i]):
                     if self.attempts.get(i, 0) < _RESIZE_ATTEMPTS:
@@ -539,12 +647,12 @@ class _Fit:
                         "or set dataloader.collate_fn.on_overlength=drop"
                     )
                 dropped.append((i, why))
-            if not retry:
+            if not gone:
                 break
             # Re-render without the bad samples: per-family image tensors (tiles, grids) are
             # laid out by the processor, so removing rows by hand would be family-specific.
-            gone = {i for i, _ in dropped}
-            keep = [i for i in keep if i not in gone]
+            out = {i for i, _ in dropped}
+            keep = [i for i in keep if i not in out]
         return keep, batch
 
     def shrink(self, conversation: list[dict], i: int, row: int, batch: dict) -> list[dict]:

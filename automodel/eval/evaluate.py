@@ -99,6 +99,7 @@ def evaluate(
     max_new_tokens: int = 256,
     keep_images: int = 0,
     progress: bool = False,
+    chat_template_kwargs: dict | None = None,
 ) -> EvalResult:
     """Generates a reply for each sample's prompt and scores it against the sample's answer.
 
@@ -115,6 +116,7 @@ def evaluate(
         max_new_tokens: the longest reply.
         keep_images: keep the image of the first ``keep_images`` samples in the records.
         progress: show a progress bar.
+        chat_template_kwargs: variables for the chat template, as in training.
 
     Returns:
         The scores and the per-sample records.
@@ -137,7 +139,12 @@ def evaluate(
                 batch.append(prompt)
                 records.append(record)
             predictions += generate_replies(
-                model, processor, batch, max_new_tokens, batch_size=len(batch)
+                model,
+                processor,
+                batch,
+                max_new_tokens,
+                batch_size=len(batch),
+                chat_template_kwargs=chat_template_kwargs,
             )
             if bar is not None:
                 bar.update(len(batch))

@@ -49,8 +49,10 @@ class PeriodicEvaluator:
         config: EvalConfig,
         logger=None,
         start_step: int = 0,
+        chat_template_kwargs: dict | None = None,
     ):
         self.processor = processor
+        self.chat_template_kwargs = chat_template_kwargs
         self.dataset = dataset
         self.out_dir = Path(out_dir)
         self.every_steps = every_steps
@@ -95,6 +97,7 @@ class PeriodicEvaluator:
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
             keep_images=self.gallery_size,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
         is_best = self._update_best(step, result.scores)
         if is_rank_zero():
@@ -133,6 +136,7 @@ def build_periodic_evaluator(
     out_dir: str | Path,
     logger=None,
     start_step: int = 0,
+    chat_template_kwargs: dict | None = None,
 ) -> PeriodicEvaluator | None:
     """The in-training evaluator, or ``None`` when ``eval_every_steps`` is not set.
 
@@ -156,4 +160,5 @@ def build_periodic_evaluator(
         config,
         logger=logger,
         start_step=start_step,
+        chat_template_kwargs=chat_template_kwargs,
     )

@@ -53,8 +53,10 @@ class Family:
         tokens_per_image_attrs: processor (then image processor) attributes holding the fixed
             number of tokens an image becomes (empty: dynamic, counted as 0 when estimating).
         stop_tokens: the tokens that end an assistant reply.
-        template_fixup: a fix the family's hub chat template needs, applied to the template
-            before the collate renders with it (None: the template is used as it is).
+        template_fixup: a fix the family's hub chat template needs (a reply that does not end
+            with a stop token), applied to the processor's template when the run starts, so
+            labels and the template ``final_model`` ships both carry it (None: the template is
+            used as it is).
     """
 
     model_type: str
@@ -74,8 +76,34 @@ class Family:
     first_position: int = 0
     bidirectional: Literal["image", "prefix"] | None = None
     one_mask_only: bool = False
-    template_fixup: Callable[[str], str] | None = None
+    template_fixup: TemplateFixup | None = None
     registered: bool = True
+
+
+@dataclass(frozen=True)
+class TemplateFixup:
+    """A textual fix to a hub chat template: ``old`` becomes ``new`` wherever it occurs.
+
+    A template that lacks ``old`` (another revision, or one the user wrote) is left alone.
+    """
+
+    note: str
+    old: str
+    new: str
+
+    def __call__(self, template: str) -> str:
+        return template.replace(self.old, self.new)
+
+
+# llava-hf/llava-1.5-*-hf's template ends each reply with a space and no </s>, so a model
+# fine-tuned on it never learns to stop. LLaVA 1.5 itself was trained with "</s>" closing each
+# reply (its "v1" conversation format); the fix restores that.
+_LLAVA_EOS = TemplateFixup(
+    note="its hub chat template ends replies without </s>; each reply now ends with </s>, "
+    "labelled, and final_model's template carries the fix",
+    old="{% generation %}{{ content['text'] + ' '}}{% endgeneration %}",
+    new="{% generation %}{{ content['text'] + eos_token }}{% endgeneration %}",
+)
 
 
 def _family(
@@ -175,6 +203,7 @@ FAMILIES: dict[str, Family] = {
             image_token_attrs=("image_token_id", "image_token_index"),
             config_image_token="image_token_id",
             stop_tokens=("</s>",),
+            template_fixup=_LLAVA_EOS,
         ),
     )
 }
@@ -345,6 +374,35 @@ def family_of_processor(processor) -> Family:
             return FAMILIES[model_type]
     _notice(f"processor {name}")
     return _PROBING
+
+
+def chat_template(processor) -> str | None:
+    """The processor's chat template with its family's fix-up applied (None: it has none)."""
+    template = getattr(processor, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        return None
+    fixup = family_of_processor(processor).template_fixup
+    return fixup(template) if fixup is not None else template
+
+
+def fix_chat_template(processor) -> str | None:
+    """Applies the family's template fix-up to ``processor`` (and its tokenizer) in place.
+
+    Returns:
+        A one-line notice when the template changed, else None.
+    """
+    family = family_of_processor(processor)
+    before = getattr(processor, "chat_template", None)
+    fixed = chat_template(processor)
+    if family.template_fixup is None or not isinstance(before, str) or fixed == before:
+        return None
+    processor.chat_template = fixed
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) is not None:
+        tokenizer.chat_template = fixed
+    return f"{family.model_type}: {family.template_fixup.note}"
 
 
 def image_token_ids(processor) -> list[int]:

@@ -29,13 +29,23 @@ def save_final(model: nn.Module, processor, out_dir: Path) -> nn.Module:
     return model
 
 
-def preview(model: nn.Module, processor, dataset, num_samples: int, max_new_tokens: int) -> None:
-    """Prints the model's reply for the first ``num_samples`` samples next to the reference."""
+def preview(
+    model: nn.Module,
+    processor,
+    dataset,
+    num_samples: int,
+    max_new_tokens: int,
+    chat_template_kwargs: dict | None = None,
+) -> None:
+    """Prints the model's reply for the first ``num_samples`` samples next to the reference
+    (prompted with the chat template variables training used)."""
     if not num_samples or dataset is None:
         return
     for i in range(min(num_samples, len(dataset))):
         conversation = dataset[i]["conversation"]
-        prediction = generate_reply(model, processor, prompt_messages(conversation), max_new_tokens)
+        prediction = generate_reply(
+            model, processor, prompt_messages(conversation), max_new_tokens, chat_template_kwargs
+        )
         print0(f"validation sample {i}")
         print0(f"  reference:  {reply_text(conversation[-1])}")
         print0(f"  prediction: {prediction}")

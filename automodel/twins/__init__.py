@@ -24,6 +24,7 @@ from typing import Any
 
 from automodel import artifacts
 from automodel.errors import UsageError
+from automodel.twins import gemma3, idefics3, llava, qwen_vl
 from automodel.twins.common import HubTemplate
 from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
@@ -47,7 +48,15 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
 # template; PaliGemma, a prefix-LM, has none).
-TWIN_TEMPLATES: dict[str, HubTemplate] = {}
+TWIN_TEMPLATES: dict[str, HubTemplate] = {
+    "gemma3": gemma3.CHAT_TEMPLATE,
+    "qwen2_vl": qwen_vl.CHAT_TEMPLATE,
+    "qwen2_5_vl": qwen_vl.CHAT_TEMPLATE,
+    "smolvlm": idefics3.SMOLVLM_CHAT_TEMPLATE,
+    "idefics3": idefics3.IDEFICS3_CHAT_TEMPLATE,
+    "llava": llava.CHAT_TEMPLATE,
+    "llava_siglip": llava.CHAT_TEMPLATE,
+}
 
 
 def make_tiny(

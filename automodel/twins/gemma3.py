@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from automodel.twins.common import generation_config, init_model, require, resolve_sizes, save_twin
+from automodel.twins.common import (
+    HubTemplate,
+    generation_config,
+    init_model,
+    require,
+    resolve_sizes,
+    save_twin,
+)
 from automodel.twins.tokenizer import token_id, train_tokenizer, wrap_tokenizer
 
 GEMMA3_SPECIAL_TOKENS = [
@@ -27,62 +34,13 @@ GEMMA3_SPECIAL_TOKENS = [
     "<image_soft_token>",
 ]
 
-# Gemma 3's chat template (google/gemma-3-4b-it), except that each assistant reply and its
-# <end_of_turn> are wrapped in {% generation %} so that apply_chat_template can return an
-# assistant-token mask for training. The "\n" after <end_of_turn> stays outside: the model must
-# learn to stop at <end_of_turn>, not to predict what follows it.
-GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
-{%- macro render_content(content) -%}
-    {%- if content is string -%}
-        {{ content | trim }}
-    {%- elif content is iterable -%}
-        {%- for item in content -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-{%- endmacro -%}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if role == 'model' -%}
-        {%- generation -%}
-            {{ render_content(message['content']) }}
-            {{- '<end_of_turn>' }}
-        {%- endgeneration -%}
-        {{ '\n' }}
-    {%- else -%}
-        {{ render_content(message['content']) }}
-        {{- '<end_of_turn>\n' }}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\n' }}
-{%- endif -%}
-"""
+# google/gemma-3-4b-it's chat template, verbatim.
+CHAT_TEMPLATE = HubTemplate(
+    file="gemma3.jinja",
+    checkpoint="google/gemma-3-4b-it",
+    source="trl 1.16.0, trl/chat_templates/gemma3.jinja (the google/gemma-3-* checkpoints')",
+    trl_file="gemma3.jinja",
+)
 
 GEMMA3_DEFAULTS: dict[str, Any] = {
     "vocab_size": 2048,
@@ -215,7 +173,7 @@ def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        chat_template=GEMMA3_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
         # Gemma3Processor reads these attributes (tokenizer.image_token, .boi_token_id, ...).
         extra_special_tokens={
             "image_token": "<image_soft_token>",
@@ -248,7 +206,7 @@ def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
     processor = Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=GEMMA3_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
         image_seq_length=sizes["mm_tokens_per_image"],
     )
     save_twin(model, processor, out_dir, generation_config(tokenizer, ["<eos>", "<end_of_turn>"]))

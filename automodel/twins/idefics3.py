@@ -10,6 +10,7 @@ import torch
 from automodel.twins.common import (
     SMALL_TEXT,
     SMALL_VISION,
+    HubTemplate,
     check_heads,
     check_patches,
     generation_config,
@@ -30,27 +31,19 @@ _IDEFICS3_IMAGE_TOKENS = [
 ]
 
 
-def _idefics3_template(start: str) -> str:
-    """SmolVLM-Instruct's chat template (Idefics3 starts with another token), with each reply and
-    its <end_of_utterance> wrapped in {% generation %}. The space after "Assistant:" is inside the
-    block: the generation prompt ends at the colon, so the model must learn to write it."""
-    return (
-        start + "{% for message in messages %}{{message['role'] | capitalize}}"
-        "{% if message['role'] == 'assistant' %}{{':'}}{% generation %}{{' '}}"
-        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-        "{% endif %}{% endfor %}<end_of_utterance>{% endgeneration %}"
-        "{% else %}"
-        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-        "{% for line in message['content'] %}"
-        "{% if line['type'] == 'text' %}{{line['text']}}"
-        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-        "<end_of_utterance>{% endif %}\n"
-        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-    )
-
-
-SMOLVLM_CHAT_TEMPLATE = _idefics3_template("<|im_start|>")
-IDEFICS3_CHAT_TEMPLATE = _idefics3_template("<|begin_of_text|>")
+# The hub checkpoints' chat templates, verbatim (SmolVLM2 ships SmolVLM's byte for byte).
+SMOLVLM_CHAT_TEMPLATE = HubTemplate(
+    file="smolvlm.jinja",
+    checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",
+    source="trl 1.16.0, trl/chat_templates/smolvlm.jinja",
+    trl_file="smolvlm.jinja",
+)
+IDEFICS3_CHAT_TEMPLATE = HubTemplate(
+    file="idefics3.jinja",
+    checkpoint="HuggingFaceM4/Idefics3-8B-Llama3",
+    source="trl 1.16.0, trl/chat_templates/idefics3.jinja",
+    trl_file="idefics3.jinja",
+)
 
 IDEFICS3_DEFAULTS: dict[str, Any] = {
     **SMALL_TEXT,
@@ -110,7 +103,7 @@ def build_idefics3_like(out_dir: Path, seed: int, family: str, **overrides: Any)
     )
     specials = list(dict.fromkeys([pad, "<|endoftext|>", bos, eos, *_IDEFICS3_IMAGE_TOKENS]))
     raw = train_tokenizer(specials, sizes["vocab_size"])
-    template = SMOLVLM_CHAT_TEMPLATE if smol else IDEFICS3_CHAT_TEMPLATE
+    template = (SMOLVLM_CHAT_TEMPLATE if smol else IDEFICS3_CHAT_TEMPLATE).text()
     tokenizer = wrap_tokenizer(
         raw,
         bos_token=bos,

@@ -10,6 +10,7 @@ import torch
 from automodel.twins.common import (
     SMALL_TEXT,
     SMALL_VISION,
+    HubTemplate,
     check_heads,
     check_patches,
     generation_config,
@@ -23,22 +24,13 @@ from automodel.twins.tokenizer import train_tokenizer, wrap_tokenizer
 
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-# llava-hf/llava-1.5's chat template (USER: <image>\n... ASSISTANT: ...), except that each reply
-# ends with </s> inside {% generation %}, as in LLaVA 1.5's own training format, so a fine-tuned
-# model learns to stop. The space after "ASSISTANT:" is inside the block too: the generation
-# prompt ends at the colon.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT:' }}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% generation %}{{ ' ' }}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] }}{% endfor %}{{ eos_token }}{% endgeneration %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+# llava-hf/llava-1.5-7b-hf's chat template (chat_template.json), verbatim. Its replies end with
+# a space and no </s>: the family registry's fix-up closes them with </s> when a run starts.
+CHAT_TEMPLATE = HubTemplate(
+    file="llava_1_5.jinja",
+    checkpoint="llava-hf/llava-1.5-7b-hf",
+    source="huggingface.co/llava-hf/llava-1.5-7b-hf, chat_template.json (the same string as "
+    "in the llava-hf/llava-1.5-13b-hf and llava-interleave processors' tests in transformers)",
 )
 
 LLAVA_DEFAULTS: dict[str, Any] = {
@@ -62,7 +54,7 @@ def build_llava_like(out_dir: Path, seed: int, family: str, **overrides: Any) ->
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
         extra_special_tokens={"image_token": "<image>"},
     )
     size = sizes["image_size"]
@@ -103,7 +95,7 @@ def build_llava_like(out_dir: Path, seed: int, family: str, **overrides: Any) ->
         patch_size=sizes["patch_size"],
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=extra_tokens,
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
     )
     save_twin(model, processor, out_dir, generation_config(tokenizer, ["</s>"]))
 

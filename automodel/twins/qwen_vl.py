@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from automodel.twins.common import (
     SMALL_TEXT,
     SMALL_VISION,
+    HubTemplate,
     check_heads,
     generation_config,
     init_model,
@@ -31,29 +32,12 @@ QWEN_VL_SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# Qwen2-VL / Qwen2.5-VL-Instruct's chat template, with each assistant reply and its <|im_end|>
-# wrapped in {% generation %} (the "\n" after it stays outside).
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>{% endgeneration %}\n"
-    "{% elif message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# Qwen2.5-VL-Instruct's chat template, verbatim (Qwen2-VL-Instruct ships a byte-identical one).
+CHAT_TEMPLATE = HubTemplate(
+    file="qwen2_5_vl.jinja",
+    checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
+    source="trl 1.16.0, trl/chat_templates/qwen2_5_vl.jinja (Qwen2.5-VL's; Qwen2-VL's is the same)",
+    trl_file="qwen2_5_vl.jinja",
 )
 
 QWEN_VL_DEFAULTS: dict[str, Any] = {
@@ -142,7 +126,7 @@ def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> No
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
         extra_special_tokens={
             "image_token": "<|image_pad|>",
             "video_token": "<|video_pad|>",
@@ -168,7 +152,7 @@ def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> No
         image_processor=tf.Qwen2VLImageProcessor(patch_size=sizes["patch_size"], **pixels),
         video_processor=tf.Qwen2VLVideoProcessor(patch_size=sizes["patch_size"], **pixels),
         tokenizer=tokenizer,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.text(),
     )
     stops = ["<|im_end|>", "<|endoftext|>"]
     save_twin(model, processor, out_dir, generation_config(tokenizer, stops))

@@ -169,7 +169,7 @@ def decode_images(
     """The conversation with each image reference replaced by a decoded RGB image."""
     return [
         {
-            "role": turn["role"],
+            **{k: v for k, v in turn.items() if k != "content"},
             "content": [
                 {"type": "image", "image": load_image(p["image"], image_size)}
                 if p["type"] == "image"

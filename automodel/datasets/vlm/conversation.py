@@ -22,7 +22,9 @@ Accepted records (one per JSONL line, or an array in a ``.json`` file, or rows o
   no placeholder at all, the images go before the first user text.
 
 Roles ``human``/``user`` -> user, ``gpt``/``assistant``/``model`` -> assistant, ``system``.
-Several turns and several images per sample work; every assistant turn is learned.
+Several turns and several images per sample work; every assistant turn is learned. An assistant
+turn may carry its reasoning as a ``reasoning``, ``thinking`` or ``reasoning_content`` string:
+it is kept as ``reasoning`` and learned inside the chat template's think block.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class ConversationFileDataset(ConversationDataset):
                 )
             content = turn.get("content", turn.get("value"))
             parts = self._parts(content, pending, state, number)
-            conversation.append({"role": role, "content": parts})
+            conversation.append({"role": role, "content": parts, **_reasoning(turn, role, number)})
         used = state["next"]
         if used < len(pending):
             if state["placeholders"]:
@@ -182,3 +184,20 @@ def make_conversation_dataset(
     set_image_root(source, image_root)
     indices = select_indices(source, split, val_fraction, seed, limit, what)
     return ConversationFileDataset(source, indices, image_size)
+
+
+# Where a record's assistant turn may carry its reasoning.
+REASONING_FIELDS = ("reasoning", "thinking", "reasoning_content")
+
+
+def _reasoning(turn: dict[str, Any], role: str, number: int) -> dict[str, str]:
+    """``{"reasoning": text}`` for an assistant turn that carries reasoning, else ``{}``."""
+    found = [turn[k] for k in REASONING_FIELDS if turn.get(k) is not None]
+    if not found:
+        return {}
+    text = found[0]
+    if role != "assistant" or not isinstance(text, str):
+        raise BadSampleError(
+            f"turn {number} ({role}) has reasoning that is not an assistant turn's string"
+        )
+    return {"reasoning": text} if text.strip() else {}

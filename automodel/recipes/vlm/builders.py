@@ -24,6 +24,7 @@ from automodel.datasets.samplers import make_sampler
 from automodel.distributed.env import barrier
 from automodel.distributed.parallelize import DTYPE_KEYS, build_mesh, parallelize
 from automodel.errors import UsageError
+from automodel.models import families
 from automodel.models.auto import load_processor
 from automodel.models.forward import TrainForward
 from automodel.models.freeze import apply_freeze
@@ -60,10 +61,16 @@ def run_prepare(cfg: dict, local_rank: int = 0) -> None:
 
 
 def build_processor(cfg: dict):
-    """The ``processor`` section, else the model folder's own processor."""
+    """The ``processor`` section, else the model folder's own processor; its chat template
+    carries the family's fix-up (with a one-line notice), so ``final_model`` ships it too."""
     if cfg.get("processor"):
-        return build(cfg, "processor")
-    return load_processor(cfg["model"]["pretrained_model_name_or_path"])
+        processor = build(cfg, "processor")
+    else:
+        processor = load_processor(cfg["model"]["pretrained_model_name_or_path"])
+    notice = families.fix_chat_template(processor)
+    if notice:
+        print0(f"chat template: {notice}")
+    return processor
 
 
 def build_model(cfg: dict, freeze: FreezeConfig | None = None, device: torch.device | None = None):
@@ -104,6 +111,12 @@ def build_dataset(
     if screen_dir is None:
         return dataset
     return screen_dataset(dataset, section, screen_dir, policy)
+
+
+def chat_template_kwargs(cfg: dict) -> dict | None:
+    """``dataloader.collate_fn.chat_template_kwargs``: the chat template variables training
+    renders with, which generation (preview, evaluation) uses too."""
+    return ((cfg.get("dataloader") or {}).get("collate_fn") or {}).get("chat_template_kwargs")
 
 
 def build_collate(cfg: dict, processor):

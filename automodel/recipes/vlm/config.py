@@ -137,7 +137,10 @@ SCHEMA = Schema(
         "validation_dataset": "optional; a builder as for `dataset`",
         "dataloader": "`torchdata.stateful_dataloader.StatefulDataLoader` kwargs and "
         "`collate_fn` (`max_length`; `on_overlength`: `drop` (default) or `error` for a sample "
-        "that cannot fit without cutting image or all reply tokens); `group_by_length: true` "
+        "that cannot fit without cutting image or all reply tokens; `chat_template_kwargs`: "
+        "variables for the chat template, e.g. `{enable_thinking: true}` (thinking is off "
+        "unless this or a sample's reasoning turns it on), used by generation too); "
+        "`group_by_length: true` "
         "batches samples of similar length (less padding); with `num_workers` above 0 the "
         "training loader keeps its workers across epochs (`persistent_workers` defaults to true)",
         "validation_dataloader": "optional; as `dataloader` (the same loader class unless it "

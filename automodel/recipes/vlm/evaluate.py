@@ -12,7 +12,7 @@ from automodel.errors import UsageError
 from automodel.eval.evaluate import EvalResult, default_out_dir, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names
 from automodel.models.auto import AutoModelForImageTextToText, load_processor
-from automodel.recipes.vlm.builders import build_dataset
+from automodel.recipes.vlm.builders import build_dataset, chat_template_kwargs
 
 
 def evaluation_dataset(cfg: dict, split: str | None) -> tuple[Any, str]:
@@ -70,6 +70,7 @@ def run_evaluation(
         max_new_tokens=eval_cfg.max_new_tokens,
         keep_images=eval_cfg.gallery_size,
         progress=True,
+        chat_template_kwargs=chat_template_kwargs(cfg),
     )
     out = Path(out_dir) if out_dir is not None else default_out_dir(str(model_dir), split_name)
     write_outputs(result, out, model=str(model_dir), split=split_name)

@@ -43,6 +43,7 @@ from automodel.recipes.vlm.builders import (
     build_model,
     build_processor,
     build_train_module,
+    chat_template_kwargs,
     extra_prefixes,
     run_prepare,
 )
@@ -197,6 +198,7 @@ class FinetuneRecipeForVLM:
             self.out_dir,
             self.logger,
             start,
+            chat_template_kwargs(self.cfg),
         )
 
     # ----------------------------------------------------------------------------- training
@@ -412,6 +414,7 @@ class FinetuneRecipeForVLM:
                 self.val_dataset,
                 settings.num_samples,
                 settings.max_new_tokens,
+                chat_template_kwargs(self.cfg),
             )
         barrier()
         return self.out_dir / "final_model"
