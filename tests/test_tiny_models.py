@@ -6,9 +6,11 @@ about 8 s. The build time and parameter count are printed by `test_size_and_buil
 (visible with `pytest -s`).
 """
 
+import importlib.util
 import math
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,7 +20,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from automodel.errors import UsageError
-from automodel.twins import TWIN_FAMILIES, make_tiny
+from automodel.twins import TWIN_FAMILIES, TWIN_TEMPLATES, make_tiny
+from automodel.twins.common import TEMPLATES
 from automodel.twins.gemma3 import GEMMA3_CHAT_TEMPLATE
 from automodel.twins.tokenizer import train_tokenizer
 
@@ -60,6 +63,18 @@ def gemma3(tmp_path_factory):
 
 def test_families_registry():
     assert "gemma3" in TWIN_FAMILIES
+
+
+@pytest.mark.parametrize("family", sorted(TWIN_TEMPLATES))
+def test_a_twin_carries_its_hub_template_byte_for_byte(family, tiny_family):
+    """The stored template is the installed TRL's copy of the hub's (TRL compares those with
+    the hub weekly), and it is the chat template the twin's processor loads with."""
+    hub = TWIN_TEMPLATES[family]
+    stored = (TEMPLATES / hub.file).read_bytes()
+    if hub.trl_file:
+        trl = Path(importlib.util.find_spec("trl").origin).parent
+        assert stored == (trl / "chat_templates" / hub.trl_file).read_bytes()
+    assert AutoProcessor.from_pretrained(tiny_family(family)).chat_template == hub.text()
 
 
 def test_loads_with_auto_classes(gemma3):

@@ -123,10 +123,11 @@ _PALIGEMMA = _family(
 )
 
 
-def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...]) -> Family:
+def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = False) -> Family:
     # The patch merger (the projector) lives inside the vision module; position ids are the
-    # model's own multimodal RoPE rows.
-    return _family(
+    # model's own multimodal RoPE rows. Qwen3-VL's DeepStack mergers, beside it, project
+    # intermediate tower layers into the first decoder layers: projectors too.
+    family = _family(
         model_type,
         "model.visual",
         "model.visual.merger",
@@ -138,6 +139,10 @@ def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...]) -> Family:
         rope_index="get_rope_index",
         rope_index_inputs=rope_inputs,
     )
+    if deepstack:
+        projector = (*family.projector, "model.visual.deepstack_merger_list")
+        family = dataclasses.replace(family, projector=projector)
+    return family
 
 
 _QWEN_ROPE_INPUTS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw")
@@ -164,6 +169,7 @@ FAMILIES: dict[str, Family] = {
         _PALIGEMMA,
         _qwen_vl("qwen2_vl", (*_QWEN_ROPE_INPUTS, "attention_mask")),
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
+        _qwen_vl("qwen3_vl", (*_QWEN_ROPE_INPUTS, "attention_mask"), deepstack=True),
         _idefics3_like("smolvlm"),
         _idefics3_like("idefics3"),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
@@ -182,7 +188,13 @@ FAMILIES: dict[str, Family] = {
 # ---------------------------------------------------------------------------- the fallback
 # Attribute names under ``model.model`` that transformers 5.x gives each part.
 _TOWER_NAMES = ("vision_tower", "vision_model", "visual")
-_PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger")
+_PROJECTOR_NAMES = (
+    "multi_modal_projector",
+    "connector",
+    "mm_projector",
+    "merger",
+    "deepstack_merger_list",
+)
 _DECODER_NAMES = ("language_model", "text_model")
 _IMAGE_TOKEN_ATTRS = (
     "image_token_id",

@@ -11,9 +11,10 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``corpus.py``: the built-in tokenizer training corpus;
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
-- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``): its
-  configs, special tokens and chat template. A new family registers its builder in
-  ``TWIN_FAMILIES``.
+- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``qwen3_vl``, ``idefics3``,
+  ``llava``): its configs, special tokens and chat template. A new family registers its builder
+  in ``TWIN_FAMILIES`` (and a hub template it carries in ``TWIN_TEMPLATES``);
+- ``templates/``: hub chat templates, byte for byte.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
+from automodel.twins.qwen3_vl import CHAT_TEMPLATE as QWEN3_VL_TEMPLATE
+from automodel.twins.qwen3_vl import build_qwen3_vl
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
 
 __all__ = ["TWIN_FAMILIES", "TWIN_TEMPLATES", "make_tiny"]
@@ -39,6 +42,7 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "paligemma": build_paligemma,
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
     "smolvlm": build_smolvlm,
     "idefics3": build_idefics3,
     "llava": build_llava,
@@ -47,7 +51,9 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
 # template; PaliGemma, a prefix-LM, has none).
-TWIN_TEMPLATES: dict[str, HubTemplate] = {}
+TWIN_TEMPLATES: dict[str, HubTemplate] = {
+    "qwen3_vl": QWEN3_VL_TEMPLATE,
+}
 
 
 def make_tiny(
