@@ -46,12 +46,34 @@ EXAMPLES = {
     "paligemma": "paligemma2_3b_pt_448_cord_v2.yaml",
     "qwen2_5_vl": "qwen2_5_vl_3b_instruct_cord_v2.yaml",
     "qwen3_vl": "qwen3_vl_4b_instruct_cord_v2.yaml",
+    "qwen3_5": "qwen3_5_4b_cord_v2.yaml",
     "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
     "llava": "llava_1_5_7b_cord_v2.yaml",
 }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Thinking templates render an earlier reply without its think block and the last one with it,
+# so a multi-turn sample is not the concatenation of its turns and the collate refuses it until
+# it renders every reply as it would be generated. Expected to fail (strictly) until then.
+RENDERS_HISTORY_DIFFERENTLY = {"qwen3_5"}
+
+
+def _multi_turn(families) -> list:
+    return [
+        pytest.param(
+            f,
+            marks=pytest.mark.xfail(
+                raises=UsageError,
+                strict=True,
+                reason="the collate cannot yet label a thinking template's multi-turn sample",
+            ),
+        )
+        if f in RENDERS_HISTORY_DIFFERENTLY
+        else f
+        for f in families
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +144,7 @@ def _without_markers(processor):
     return processor
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", _multi_turn(FAMILIES))
 def test_labels_are_exactly_the_replies(family, loaded):
     processor, model = loaded(family)
     examples, replies = _samples(family)
@@ -159,7 +181,7 @@ def test_prefix_lm_is_detected_by_capability(loaded):
     assert not any(is_prefix_lm(loaded(f)[0]) for f in ("gemma3", "llava"))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", _multi_turn(FAMILIES))
 def test_our_loss_equals_the_models_own_loss(family, loaded):
     processor, model = loaded(family)
     examples, _ = _samples(family)

@@ -55,6 +55,9 @@ class Family:
         stop_tokens: the tokens that end an assistant reply.
         template_fixup: a fix the family's hub chat template needs, applied to the template
             before the collate renders with it (None: the template is used as it is).
+        packing_refused: why packed rows cannot equal padded rows for this family (its
+            decoder carries information from one packed sample into the next), said in the
+            error that refuses packing; None: the family packs.
     """
 
     model_type: str
@@ -75,6 +78,7 @@ class Family:
     bidirectional: Literal["image", "prefix"] | None = None
     one_mask_only: bool = False
     template_fixup: Callable[[str], str] | None = None
+    packing_refused: str | None = None
     registered: bool = True
 
 
@@ -123,7 +127,9 @@ _PALIGEMMA = _family(
 )
 
 
-def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = False) -> Family:
+def _qwen_vl(
+    model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = False, **facts
+) -> Family:
     # The patch merger (the projector) lives inside the vision module; position ids are the
     # model's own multimodal RoPE rows. Qwen3-VL's DeepStack mergers, beside it, project
     # intermediate tower layers into the first decoder layers: projectors too.
@@ -138,6 +144,7 @@ def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = Fa
         stop_tokens=("<|im_end|>",),
         rope_index="get_rope_index",
         rope_index_inputs=rope_inputs,
+        **facts,
     )
     if deepstack:
         projector = (*family.projector, "model.visual.deepstack_merger_list")
@@ -170,6 +177,16 @@ FAMILIES: dict[str, Family] = {
         _qwen_vl("qwen2_vl", (*_QWEN_ROPE_INPUTS, "attention_mask")),
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
         _qwen_vl("qwen3_vl", (*_QWEN_ROPE_INPUTS, "attention_mask"), deepstack=True),
+        # Qwen3.5 through its image path: the tower and processor of Qwen3-VL without DeepStack,
+        # a decoder of Gated DeltaNet layers (three in four) and full-attention layers.
+        _qwen_vl(
+            "qwen3_5",
+            (*_QWEN_ROPE_INPUTS, "attention_mask"),
+            packing_refused=(
+                "its Gated DeltaNet layers (a causal convolution and a recurrent state) run "
+                "through a packed row without stopping at sample boundaries"
+            ),
+        ),
         _idefics3_like("smolvlm"),
         _idefics3_like("idefics3"),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
