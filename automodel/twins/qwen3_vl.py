@@ -69,7 +69,8 @@ QWEN3_PLAIN_TOKENS = [
 ]
 
 # 32 pixels per token: 16-pixel patches, 2x2 merged (Qwen3-VL's preprocessor_config.json:
-# patch_size 16, merge_size 2, temporal_patch_size 2).
+# patch_size 16, merge_size 2, temporal_patch_size 2; QwenLM/Qwen3-VL README.md @ 0f2afbe: "the
+# compression ratio is 32", size.shortest_edge / size.longest_edge are min_pixels / max_pixels).
 PIXELS_PER_TOKEN = 32 * 32
 
 QWEN3_VL_DEFAULTS: dict[str, Any] = {
