@@ -42,6 +42,8 @@ EXAMPLES = {
     "gemma3": "gemma3_4b_it_cord_v2.yaml",
     "paligemma": "paligemma2_3b_pt_448_cord_v2.yaml",
     "qwen2_5_vl": "qwen2_5_vl_3b_instruct_cord_v2.yaml",
+    "qwen3_vl": "qwen3_vl_4b_instruct_cord_v2.yaml",
+    "qwen3_5": "qwen3_5_4b_cord_v2.yaml",
     "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
     "llava": "llava_1_5_7b_cord_v2.yaml",
 }
@@ -113,11 +115,15 @@ def test_labels_are_exactly_the_replies(family, loaded):
     batch = default_collate_fn(examples, processor)
     assert batch["dropped"] == []
     end = end_of_turn(model)
-    for row, expected in enumerate(replies):
-        spans = labelled_spans(batch["labels"][row], processor.tokenizer)
-        # LLaVA and SmolVLM prompt with "ASSISTANT:" / "Assistant:": the reply's leading space is
-        # the model's to write, so it is labelled too.
-        assert [s.removeprefix(" ") for s in spans] == [r + end for r in expected], spans
+    # A template that renders history differently from generation (Qwen3.5's) makes one row per
+    # reply; the others one row per sample. Either way the rows hold every reply once, in order.
+    rows = [labelled_spans(labels, processor.tokenizer) for labels in batch["labels"]]
+    assert len(rows) in (len(replies), sum(map(len, replies)))
+    spans = [span for row in rows for span in row]
+    # LLaVA and SmolVLM prompt with "ASSISTANT:" / "Assistant:": the reply's leading space is
+    # the model's to write, so it is labelled too.
+    expected = [r + end for sample in replies for r in sample]
+    assert [s.removeprefix(" ") for s in spans] == expected, rows
     labelled = batch["labels"] != -100
     ids = torch.tensor(image_token_ids(processor))
     assert not torch.isin(batch["input_ids"], ids)[labelled].any(), "an image token has a label"

@@ -11,6 +11,7 @@ from PIL import Image
 from automodel.datasets.collate import default_collate_fn
 from automodel.errors import UsageError
 from automodel.loss.chunked import label_hidden
+from automodel.models.families import family_of
 from automodel.models.packing import Packer, pack_rows
 from automodel.twins import TWIN_FAMILIES as FAMILIES
 
@@ -58,6 +59,15 @@ def padded_batch(folder, samples):
 @torch.no_grad()
 def test_packed_rows_match_padded_rows(family, tiny_family):
     model, batch, labels = padded_batch(tiny_family(family), SAMPLES)
+    refused = family_of(model).packing_refused
+    if refused:
+        # The registry says why this decoder cannot keep packed samples apart (Qwen3.5's linear
+        # attention): packing is refused in one line, before any batch is packed.
+        with pytest.raises(UsageError) as error:
+            Packer(model)
+        message = str(error.value)
+        assert "\n" not in message and refused in message and "packing.enabled=false" in message
+        return
     hidden, targets = label_hidden(model, batch, labels)
     lengths = batch["attention_mask"].sum(1).tolist()
     # One row; rows just long enough to pair the two shortest neighbours; the default (rows as

@@ -57,6 +57,9 @@ class Family:
             with a stop token), applied to the processor's template when the run starts, so
             labels and the template ``final_model`` ships both carry it (None: the template is
             used as it is).
+        packing_refused: why packed rows cannot equal padded rows for this family (its
+            decoder carries information from one packed sample into the next), said in the
+            error that refuses packing; None: the family packs.
     """
 
     model_type: str
@@ -77,6 +80,7 @@ class Family:
     bidirectional: Literal["image", "prefix"] | None = None
     one_mask_only: bool = False
     template_fixup: TemplateFixup | None = None
+    packing_refused: str | None = None
     registered: bool = True
 
 
@@ -151,10 +155,13 @@ _PALIGEMMA = _family(
 )
 
 
-def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...]) -> Family:
+def _qwen_vl(
+    model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = False, **facts
+) -> Family:
     # The patch merger (the projector) lives inside the vision module; position ids are the
-    # model's own multimodal RoPE rows.
-    return _family(
+    # model's own multimodal RoPE rows. Qwen3-VL's DeepStack mergers, beside it, project
+    # intermediate tower layers into the first decoder layers: projectors too.
+    family = _family(
         model_type,
         "model.visual",
         "model.visual.merger",
@@ -165,7 +172,12 @@ def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...]) -> Family:
         stop_tokens=("<|im_end|>",),
         rope_index="get_rope_index",
         rope_index_inputs=rope_inputs,
+        **facts,
     )
+    if deepstack:
+        projector = (*family.projector, "model.visual.deepstack_merger_list")
+        family = dataclasses.replace(family, projector=projector)
+    return family
 
 
 _QWEN_ROPE_INPUTS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw")
@@ -192,6 +204,17 @@ FAMILIES: dict[str, Family] = {
         _PALIGEMMA,
         _qwen_vl("qwen2_vl", (*_QWEN_ROPE_INPUTS, "attention_mask")),
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
+        _qwen_vl("qwen3_vl", (*_QWEN_ROPE_INPUTS, "attention_mask"), deepstack=True),
+        # Qwen3.5 through its image path: the tower and processor of Qwen3-VL without DeepStack,
+        # a decoder of Gated DeltaNet layers (three in four) and full-attention layers.
+        _qwen_vl(
+            "qwen3_5",
+            (*_QWEN_ROPE_INPUTS, "attention_mask"),
+            packing_refused=(
+                "its Gated DeltaNet layers (a causal convolution and a recurrent state) run "
+                "through a packed row without stopping at sample boundaries"
+            ),
+        ),
         _idefics3_like("smolvlm"),
         _idefics3_like("idefics3"),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
@@ -211,7 +234,13 @@ FAMILIES: dict[str, Family] = {
 # ---------------------------------------------------------------------------- the fallback
 # Attribute names under ``model.model`` that transformers 5.x gives each part.
 _TOWER_NAMES = ("vision_tower", "vision_model", "visual")
-_PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger")
+_PROJECTOR_NAMES = (
+    "multi_modal_projector",
+    "connector",
+    "mm_projector",
+    "merger",
+    "deepstack_merger_list",
+)
 _DECODER_NAMES = ("language_model", "text_model")
 _IMAGE_TOKEN_ATTRS = (
     "image_token_id",

@@ -17,6 +17,10 @@ on fewer padding tokens. The samples stay apart:
 
 Image tensors are left as they are: the samples keep their order, so image placeholders meet
 their features in the same order as unpacked.
+
+A decoder that carries state along the row (Qwen3.5's Gated DeltaNet layers: a causal
+convolution and a recurrent state that do not stop at sample boundaries) cannot keep packed
+samples apart: the family registry's ``packing_refused`` says why, and packing is refused.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ class Packer:
         self.base = inner.model
         family = family_of(inner)
         self.family = inner.config.model_type
+        if family.packing_refused:
+            raise UsageError(
+                f"packing: {self.family} cannot be packed exactly: {family.packing_refused}; "
+                "set packing.enabled=false"
+            )
         self.text_config = inner.config.get_text_config()
         layer_types = set(getattr(self.text_config, "layer_types", None) or ["full_attention"])
         if layer_types - _LAYER_TYPES:

@@ -11,9 +11,10 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``corpus.py``: the built-in tokenizer training corpus;
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
-- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``): its
-  configs, special tokens and chat template. A new family registers its builder in
-  ``TWIN_FAMILIES``.
+- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``qwen3_vl``, ``qwen3_5``,
+  ``idefics3``, ``llava``): its configs, special tokens and chat template. A new family registers its builder
+  in ``TWIN_FAMILIES`` (and a hub template it carries in ``TWIN_TEMPLATES``);
+- ``templates/``: hub chat templates, byte for byte.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
+from automodel.twins.qwen3_5 import CHAT_TEMPLATE as QWEN3_5_TEMPLATE
+from automodel.twins.qwen3_5 import build_qwen3_5
+from automodel.twins.qwen3_vl import CHAT_TEMPLATE as QWEN3_VL_TEMPLATE
+from automodel.twins.qwen3_vl import build_qwen3_vl
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
 
 __all__ = ["TWIN_FAMILIES", "TWIN_TEMPLATES", "make_tiny"]
@@ -40,6 +45,8 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "paligemma": build_paligemma,
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
+    "qwen3_5": build_qwen3_5,
     "smolvlm": build_smolvlm,
     "idefics3": build_idefics3,
     "llava": build_llava,
@@ -56,6 +63,8 @@ TWIN_TEMPLATES: dict[str, HubTemplate] = {
     "idefics3": idefics3.IDEFICS3_CHAT_TEMPLATE,
     "llava": llava.CHAT_TEMPLATE,
     "llava_siglip": llava.CHAT_TEMPLATE,
+    "qwen3_vl": QWEN3_VL_TEMPLATE,
+    "qwen3_5": QWEN3_5_TEMPLATE,
 }
 
 
