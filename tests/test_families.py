@@ -411,6 +411,35 @@ def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_pa
     assert (tmp_path / "ckpt/final_model/config.json").is_file()
 
 
+NEMO_COPY = ROOT / "tests/data/nemo/gemma3_vl_4b_cord_v2.yaml"
+
+
+def test_nemo_automodels_current_config_trains_the_tiny_twin(
+    tiny_family, receipts, tmp_path, capsys
+):
+    """NeMo AutoModel's own Gemma 3 config, copied verbatim, runs through its command line
+    (``automodel CONFIG.yaml``) with only paths, the run's size and the dtype overridden."""
+    lines = NEMO_COPY.read_text().splitlines()
+    assert lines[0].startswith("# Verbatim copy of NVIDIA-NeMo/Automodel ")
+    assert "recipe: FinetuneRecipeForVLM" in lines and "ci:" in lines
+    overrides = [
+        f"--model.pretrained_model_name_or_path={tiny_family('gemma3')}",
+        f"--dataset.path_or_dataset={receipts}",
+        f"--validation_dataset.path_or_dataset={receipts}",
+        f"--checkpoint.checkpoint_dir={tmp_path / 'ckpt'}",
+        "--validation_dataset.limit=2",
+        "--step_scheduler.max_steps=2",
+        "--step_scheduler.global_batch_size=2",
+        "--model.torch_dtype=float32",  # bfloat16 matmuls run ~5x slower on this CPU
+    ]
+    code = cli_main([str(NEMO_COPY), *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "note: ci: NeMo AutoModel's CI settings" in out.out
+    assert "step 2/2 | loss" in out.out
+    assert (tmp_path / "ckpt/final_model/config.json").is_file()
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_generate_replies_works_for_every_family(family, loaded):
     """Batched, left-padded generation (preview, evaluate, generate) for chat and prefix-LMs."""
