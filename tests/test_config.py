@@ -296,3 +296,61 @@ def test_vision_loss_with_packing_is_refused_before_anything_loads():
     with pytest.raises(UsageError, match="vision_loss.weight > 0 with packing.enabled=true"):
         resolve_config(cfg)
     resolve_config(_set(cfg, "packing", {"enabled": False}))  # either alone is fine
+
+
+VLM_RECIPES = [
+    "FinetuneRecipeForVLM",
+    "nemo_automodel.recipes.vlm.finetune.FinetuneRecipeForVLM",
+    "automodel.recipes.vlm.finetune.FinetuneRecipeForVLM",
+    {"_target_": "nemo_automodel.recipes.vlm.finetune.FinetuneRecipeForVLM"},
+]
+
+
+@pytest.mark.parametrize("recipe", VLM_RECIPES, ids=str)
+def test_recipe_names_the_vlm_recipe_in_each_of_nemos_forms(recipe):
+    resolved, _ = resolve_config({**load_yaml(NEMO_YAML), "recipe": recipe})
+    assert resolved["recipe"] == recipe
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "TrainFinetuneRecipeForNextTokenPrediction",
+        "nemo_automodel.recipes.llm.train_ft.TrainFinetuneRecipeForNextTokenPrediction",
+        {"_target_": "nemo_automodel.recipes.vlm.kd.KnowledgeDistillationRecipeForVLM"},
+        {"_target_": "FinetuneRecipeForVLM", "seed": 1},
+        7,
+    ],
+    ids=str,
+)
+def test_another_recipe_is_refused_in_one_line_saying_what_runs(recipe):
+    with pytest.raises(UsageError) as error:
+        resolve_config({**load_yaml(NEMO_YAML), "recipe": recipe, "model": {}})
+    message = str(error.value)
+    assert message.startswith(f"recipe: {recipe!r} is not a recipe automodel runs")
+    assert "runs one, FinetuneRecipeForVLM" in message and "\n" not in message
+
+
+def test_the_short_form_runs_the_recipe_the_config_names(tmp_path, capsys):
+    from automodel.cli import main, short_form
+
+    body = NEMO_YAML.read_text().replace("recipe: FinetuneRecipeForVLM\n", "")
+    (tmp_path / "none.yaml").write_text(body)
+    (tmp_path / "llm.yaml").write_text("recipe: TrainFinetuneRecipeForNextTokenPrediction\n" + body)
+    for args in (["none.yaml"], ["-c", "none.yaml", "--step_scheduler.max_steps=2"]):
+        assert main([str(tmp_path / a) if a.endswith("yaml") else a for a in args]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error == (
+            f"error: {tmp_path / 'none.yaml'} names no recipe; add the line 'recipe: "
+            f"FinetuneRecipeForVLM' at its top, or run: automodel finetune vlm -c "
+            f"{tmp_path / 'none.yaml'}"
+        )
+    for args in (["-c"], ["finetune", "vlm", "-c"], ["validate", "-c"], ["data", "check", "-c"]):
+        assert main([*args, str(tmp_path / "llm.yaml")]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "runs one, FinetuneRecipeForVLM" in lines[0], lines
+    for first in ([str(NEMO_YAML)], ["-c", str(NEMO_YAML)], [f"--config={NEMO_YAML}"]):
+        assert short_form([*first, "--nproc-per-node", "2"]) == [
+            "finetune", "vlm", "-c", str(NEMO_YAML), "--nproc-per-node", "2",
+        ]  # fmt: skip
+    assert short_form(["validate", "-c", str(NEMO_YAML)]) is None

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import torch.utils.data
 import yaml
 from PIL import Image
 
 from automodel.config.sections import DataCheckConfig
 from automodel.datasets.checks import ScreenedDataset, screen_dataset
+from automodel.datasets.collate import default_collate_fn, image_token_ids
+from automodel.datasets.data_check import render_sample
 from automodel.datasets.vlm import make_conversation_dataset, make_image_text_dataset
 from automodel.errors import UsageError
 from automodel.recipes.vlm.data_check import check_config
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, labelled_spans, run_cli
 
 SKIP = DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.6)
 
@@ -203,6 +207,82 @@ def test_data_check_report_in_process(tiny_gemma3, tmp_path, monkeypatch, capsys
     sampled = json.loads((tmp_path / "r3.json").read_text())["datasets"]["dataset"]
     assert sampled["measured"] == 3 and sampled["num_samples"] == 8
     assert "token lengths measured on 3 samples (seeded subset)" in capsys.readouterr().out
+
+
+def _conversation() -> list[dict]:
+    """Two images over two user turns, two replies: two labelled runs between prompts."""
+    red, blue = Image.new("RGB", (90, 60), (200, 30, 30)), Image.new("RGB", (40, 70), "blue")
+    return [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red, mostly."}]},
+        {"role": "user", "content": [{"type": "image", "image": blue}, {"type": "text", "text": "This one?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": '{"colour": "blue"}'}]},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
+def test_a_rendered_sample_marks_exactly_the_labels(family, tiny_family):
+    """``data check --show``'s rendering: the marked spans are the labelled tokens, image runs
+    are collapsed, and image + prompt + label tokens make up the row."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_family(family))
+    tokenizer = processor.tokenizer
+    batch = default_collate_fn([{"conversation": _conversation()}], processor)
+    shown = render_sample(batch, 0, processor)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+
+    marked = re.findall("\u27e6(.*?)\u27e7", shown.text, flags=re.DOTALL)
+    assert marked == labelled_spans(labels, tokenizer) and len(marked) == 2, shown.text
+    runs, run = [], []
+    for token in labels.tolist() + [-100]:
+        if token != -100:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    assert shown.label_runs == runs
+    n_image = int(torch.isin(ids, torch.tensor(image_token_ids(processor))).sum())
+    assert (shown.image_tokens, shown.label_tokens) == (n_image, int((labels != -100).sum()))
+    assert shown.image_tokens + shown.prompt_tokens + shown.label_tokens == shown.length
+    assert shown.length == ids.shape[0] == int(batch["attention_mask"][0].sum())
+    # Without the marks and with each image run written out, the text is the decoded row.
+    expanded = re.sub(
+        r"(<[^<>]+>)\u00d7(\d+)", lambda m: m[1] * int(m[2]), shown.text.replace("\u27e6", "")
+    ).replace("\u27e7", "")
+    assert expanded == tokenizer.decode(ids, skip_special_tokens=False)
+    assert "\u00d7" in shown.text and len(shown.text) < len(expanded)
+
+
+def test_data_check_shows_samples_through_the_configured_collate(tiny_gemma3, tmp_path, capsys):
+    cfg = yaml.safe_load((ROOT / "examples/data/conversation/finetune.yaml").read_text())
+    from automodel.recipes.vlm.config import resolve_config
+
+    cfg.pop("prepare")
+    cfg["model"]["pretrained_model_name_or_path"] = str(tiny_gemma3)
+    cfg["dataset"]["path_or_dataset"] = str(ROOT / cfg["dataset"]["path_or_dataset"])
+    cfg["dataloader"]["collate_fn"]["max_length"] = 60  # cuts some samples, drops one
+    cfg.pop("validation_dataset")
+    resolved, _ = resolve_config(cfg)
+    assert check_config(resolved, max_samples=2, json_path=tmp_path / "r.json", show=8) == 0
+    text = capsys.readouterr().out
+    assert text.index("-- sample 1: ") < text.index("-- sample 8: ") < text.index("data check: ok")
+    samples = json.loads((tmp_path / "r.json").read_text())["samples"]
+    assert len(samples) == 8
+    kept = [s for s in samples if "dropped" not in s]
+    assert kept and len(kept) < 8
+    for sample in kept:
+        counts = (sample["image_tokens"], sample["prompt_tokens"], sample["label_tokens"])
+        assert sample["text"] in text and sum(counts) == sample["length"] <= 60
+        assert (
+            "tokens: {} = {} image + {} prompt + {} label".format(sample["length"], *counts) in text
+        )
+        assert "<start_of_image><image_soft_token>\u00d716<end_of_image>" in sample["text"]
+    dropped = next(s for s in samples if "dropped" in s)
+    assert dropped["dropped"].startswith("no reply token left within max_length=60")
+    assert f"dropped by the collate: {dropped['dropped']}" in text
+    assert check_config(resolved, max_samples=2) == 0
+    assert "-- sample" not in capsys.readouterr().out  # without show: no samples
 
 
 def _cli_overrides(tiny_gemma3: Path, data: Path, ckpt: Path) -> list[str]:

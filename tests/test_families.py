@@ -41,12 +41,16 @@ def end_of_turn(model) -> str:
 EXAMPLES = {
     "gemma3": "gemma3_4b_it_cord_v2.yaml",
     "paligemma": "paligemma2_3b_pt_448_cord_v2.yaml",
+    "qwen2_vl": "qwen2_vl_2b_instruct_cord_v2.yaml",
     "qwen2_5_vl": "qwen2_5_vl_3b_instruct_cord_v2.yaml",
     "qwen3_vl": "qwen3_vl_4b_instruct_cord_v2.yaml",
     "qwen3_5": "qwen3_5_4b_cord_v2.yaml",
     "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
+    "idefics3": "idefics3_8b_llama3_cord_v2.yaml",
     "llava": "llava_1_5_7b_cord_v2.yaml",
 }
+# Each family's LoRA example: its full example plus a peft section (examples/vlm/*_peft.yaml).
+PEFT_EXAMPLES = sorted((ROOT / "examples/vlm").glob("*_peft.yaml"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,16 +353,9 @@ print("RESULT" + json.dumps(out))
     assert json.loads(line[len("RESULT") :]) == expected
 
 
-@pytest.mark.parametrize("family", list(EXAMPLES))
-def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_path, capsys):
-    """Each family's example (a real hub checkpoint) runs as is with only paths and sizes
-    overridden to the tiny twin; the run prints its trainable / total parameters."""
-    path = ROOT / "examples/vlm" / EXAMPLES[family]
-    cfg = yaml.safe_load(path.read_text())
-    assert cfg["model"]["pretrained_model_name_or_path"].count("/") == 1  # a hub id
-    assert cfg["dataset"]["path_or_dataset"] == "naver-clova-ix/cord-v2"
-    assert path.read_text().splitlines()[1].strip("# ").startswith("automodel finetune vlm -c")
-    twin = tiny_family(family)
+def _tiny_run_overrides(cfg: dict, twin, receipts, checkpoint_dir) -> list[str]:
+    """Overrides that point an example at the tiny twin and local receipts and shrink the run:
+    paths, sizes (the processor's image size becomes the twin's) and float32 weights."""
     overrides = [
         f"--model.pretrained_model_name_or_path={twin}",
         "--model.torch_dtype=float32",
@@ -371,15 +368,29 @@ def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_pa
         "--step_scheduler.log_every_steps=1",
         "--dataloader.num_workers=0",
         "--dataloader.collate_fn.on_overlength=error",
-        f"--checkpoint.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"--checkpoint.checkpoint_dir={checkpoint_dir}",
     ]
     if "processor" in cfg:
-        overrides += [
-            f"--processor.pretrained_model_name_or_path={twin}",
-            "--processor.size.longest_edge=12544",
-        ]
+        saved = json.loads((twin / "processor_config.json").read_text())
+        twin_size = saved.get("image_processor", saved)["size"]
+        overrides.append(f"--processor.pretrained_model_name_or_path={twin}")
+        for key in cfg["processor"].get("size", {}):
+            overrides.append(f"--processor.size.{key}={twin_size[key]}")
     if "image_size" in cfg["dataset"]:
         overrides += ["--dataset.image_size=128", "--validation_dataset.image_size=128"]
+    return overrides
+
+
+@pytest.mark.parametrize("family", list(EXAMPLES))
+def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_path, capsys):
+    """Each family's example (a real hub checkpoint) runs as is with only paths and sizes
+    overridden to the tiny twin; the run prints its trainable / total parameters."""
+    path = ROOT / "examples/vlm" / EXAMPLES[family]
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["model"]["pretrained_model_name_or_path"].count("/") == 1  # a hub id
+    assert cfg["dataset"]["path_or_dataset"] == "naver-clova-ix/cord-v2"
+    assert path.read_text().splitlines()[1].strip("# ").startswith("automodel finetune vlm -c")
+    overrides = _tiny_run_overrides(cfg, tiny_family(family), receipts, tmp_path / "ckpt")
     code = cli_main(["finetune", "vlm", "-c", str(path), *overrides])
     out = capsys.readouterr()
     assert code == 0, out.err[-3000:]
@@ -387,6 +398,102 @@ def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_pa
     assert "step 2/2 | loss" in out.out
     records = [json.loads(x) for x in (tmp_path / "ckpt/training.jsonl").read_text().splitlines()]
     assert all(r["loss"] > 0 for r in records) and "vision_loss" not in records[0]
+    assert (tmp_path / "ckpt/final_model/config.json").is_file()
+
+
+def _family_of_peft_example(path) -> str:
+    """The twin family of a LoRA example: the family whose full example it extends."""
+    full = path.name.removesuffix("_peft.yaml") + ".yaml"
+    by_file = {file: family for family, file in EXAMPLES.items()}
+    if full not in by_file:
+        pytest.fail(
+            f"{path.name} extends {full}, which is not in EXAMPLES (family -> example) in "
+            "tests/test_families.py: add the full example there with its twin family"
+        )
+    return by_file[full]
+
+
+def test_every_family_example_has_a_lora_twin_that_only_adds_lora():
+    """X_peft.yaml is X.yaml plus a default peft section, lr 1e-4 and a checkpoint_dir ending
+    in _lora; nothing else differs."""
+    from automodel.config.loader import load_yaml
+
+    assert {p.name for p in PEFT_EXAMPLES} >= {
+        f.removesuffix(".yaml") + "_peft.yaml" for f in EXAMPLES.values()
+    }
+    for path in PEFT_EXAMPLES:
+        lora = load_yaml(path)
+        full = load_yaml(ROOT / "examples/vlm" / EXAMPLES[_family_of_peft_example(path)])
+        assert lora.pop("peft") == {
+            "_target_": "automodel.peft.LoraConfig", "r": 16, "alpha": 32, "dropout": 0.0
+        }, path.name  # fmt: skip
+        assert lora["optimizer"].pop("lr") == 1e-4 > full["optimizer"].pop("lr"), path.name
+        assert (
+            lora["checkpoint"].pop("checkpoint_dir")
+            == full["checkpoint"].pop("checkpoint_dir") + "_lora"
+        )
+        assert lora == full, path.name
+        assert path.read_text().splitlines()[1].strip("# ").startswith("automodel finetune vlm -c")
+
+
+@pytest.mark.parametrize("path", PEFT_EXAMPLES, ids=lambda p: p.name)
+def test_lora_example_trains_the_tiny_twin_and_adapts_only_the_language_model(
+    path, tiny_family, receipts, tmp_path, capsys
+):
+    """Each LoRA example runs two steps on its family's twin and writes final_adapter, whose
+    adapters sit on language-model layers only: none on the vision tower or the projector."""
+    from automodel.models.families import FAMILIES as REGISTRY
+
+    family = _family_of_peft_example(path)
+    twin = tiny_family(family)
+    cfg = yaml.safe_load(path.read_text())
+    overrides = _tiny_run_overrides(cfg, twin, receipts, tmp_path / "ckpt")
+    code = cli_main(["finetune", "vlm", "-c", str(path), *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "step 2/2 | loss" in out.out
+    adapter_dir = tmp_path / "ckpt/final_adapter"
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (16, 32)
+    # PEFT saves target_modules as the shortest unambiguous name suffixes ("2.self_attn.q_proj"):
+    # the adapted modules are those the saved adapter attaches to when loaded on the base.
+    from peft import PeftModel
+
+    base = AutoModelForImageTextToText.from_pretrained(twin)
+    entry = REGISTRY[base.config.model_type]
+    loaded = PeftModel.from_pretrained(base, adapter_dir).base_model.model
+    adapted = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")]
+    vision = tuple(f"{p}." for p in entry.tower + entry.projector)
+    assert adapted and not [n for n in adapted if n.startswith(vision)]
+    assert all(n.startswith(tuple(f"{p}." for p in entry.decoder)) for n in adapted), adapted
+
+
+NEMO_COPY = ROOT / "tests/data/nemo/gemma3_vl_4b_cord_v2.yaml"
+
+
+def test_nemo_automodels_current_config_trains_the_tiny_twin(
+    tiny_family, receipts, tmp_path, capsys
+):
+    """NeMo AutoModel's own Gemma 3 config, copied verbatim, runs through its command line
+    (``automodel CONFIG.yaml``) with only paths, the run's size and the dtype overridden."""
+    lines = NEMO_COPY.read_text().splitlines()
+    assert lines[0].startswith("# Verbatim copy of NVIDIA-NeMo/Automodel ")
+    assert "recipe: FinetuneRecipeForVLM" in lines and "ci:" in lines
+    overrides = [
+        f"--model.pretrained_model_name_or_path={tiny_family('gemma3')}",
+        f"--dataset.path_or_dataset={receipts}",
+        f"--validation_dataset.path_or_dataset={receipts}",
+        f"--checkpoint.checkpoint_dir={tmp_path / 'ckpt'}",
+        "--validation_dataset.limit=2",
+        "--step_scheduler.max_steps=2",
+        "--step_scheduler.global_batch_size=2",
+        "--model.torch_dtype=float32",  # bfloat16 matmuls run ~5x slower on this CPU
+    ]
+    code = cli_main([str(NEMO_COPY), *overrides])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "note: ci: NeMo AutoModel's CI settings" in out.out
+    assert "step 2/2 | loss" in out.out
     assert (tmp_path / "ckpt/final_model/config.json").is_file()
 
 

@@ -1,7 +1,8 @@
 """The ``automodel`` command: one module per command group, argparse subcommands.
 
     automodel finetune vlm -c CFG.yaml [--a.b=v | --a.b v | ~a.b ...]
-    automodel CFG.yaml [overrides ...]                 (short form of the above)
+    automodel CFG.yaml [overrides ...]                 (short form: the recipe CFG.yaml names,
+    automodel -c CFG.yaml [overrides ...]               in its top-level `recipe:` key)
     automodel validate | data check | evaluate -c CFG.yaml [options] [overrides ...]
     automodel models make-tiny | data make-receipts | generate | report | export merge-lora ...
 
@@ -31,7 +32,10 @@ def build_parser() -> Parser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Set after the subparsers, whose usage lines start with the parser's prog.
-    parser.usage = "automodel COMMAND [args ...]\n       automodel CONFIG.yaml [overrides ...]"
+    parser.usage = (
+        "automodel COMMAND [args ...]\n       automodel [-c] CONFIG.yaml [overrides ...]   "
+        "(the recipe its 'recipe:' names)"
+    )
     parents = Parents()
     for group in GROUPS:
         group.add_parsers(sub, parents)
@@ -44,15 +48,43 @@ def _print_once(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def short_form(args: list[str]) -> list[str] | None:
+    """NeMo AutoModel's command line, ``automodel CONFIG.yaml ...`` (or ``-c CONFIG.yaml``), as
+    the command of the recipe the config names in ``recipe:``; None for any other command line.
+
+    Raises:
+        UsageError: the config names no recipe (the message says what to write), or a recipe
+            automodel does not run.
+    """
+    if args[0].startswith("--config="):
+        config, rest = args[0].split("=", 1)[1], args[1:]
+    elif args[0] in ("-c", "--config") and len(args) > 1:
+        config, rest = args[1], args[2:]
+    elif args[0].endswith((".yaml", ".yml")):
+        config, rest = args[0], args[1:]
+    else:
+        return None
+    from automodel.config.loader import load_yaml
+    from automodel.config.sections import VLM_RECIPE, check_recipe
+
+    cfg = load_yaml(config)
+    if "recipe" not in cfg:
+        raise UsageError(
+            f"{config} names no recipe; add the line 'recipe: {VLM_RECIPE}' at its top, or "
+            f"run: automodel finetune vlm -c {config}"
+        )
+    check_recipe(cfg["recipe"])
+    return ["finetune", "vlm", "-c", config, *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0].endswith((".yaml", ".yml")):
-        args = ["finetune", "vlm", "-c", *args]
     parser = build_parser()
     try:
         if not args:
             parser.print_help()
             return 0
+        args = short_form(args) or args
         # Before parsing: a mistyped option is named as such, not as a missing required one.
         leaf = leaf_parser(parser, args)
         if leaf.get_default("run") is not None:

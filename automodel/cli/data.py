@@ -40,7 +40,8 @@ def add_parsers(sub, parents) -> None:
         "lengths through the model's\nchat template, and the share over "
         "dataloader.collate_fn.max_length. Exits 1 when a dataset has\nmore bad samples than "
         "data_check (on_bad_sample, max_bad_fraction) allows.",
-        epilog="example:\n  automodel data check -c examples/data/vqa/finetune.yaml --json check.json",
+        epilog="examples:\n  automodel data check -c examples/data/vqa/finetune.yaml --json check.json"
+        "\n  automodel data check -c examples/data/vqa/finetune.yaml --show 2",
     )
     check.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     check.add_argument(
@@ -49,6 +50,14 @@ def add_parsers(sub, parents) -> None:
         metavar="N",
         help="measure token lengths on at most N samples per dataset, a seeded subset "
         "(default 1000; 0 = all). Bad samples are always scanned in full.",
+    )
+    check.add_argument(
+        "--show",
+        default="0",
+        metavar="N",
+        help="print the first N training samples as the collate renders them: the decoded "
+        "text with labelled tokens between \u27e6 and \u27e7, image-token runs collapsed, and "
+        "their image / prompt / label token counts (default 0)",
     )
 
 
@@ -62,10 +71,14 @@ def run_make_receipts(ns, overrides: list[str]) -> int:
 def run_check(ns, overrides: list[str]) -> int:
     if not ns.max_samples.isdigit():
         raise UsageError(f"--max-samples {ns.max_samples}: give a whole number")
+    if not ns.show.isdigit():
+        raise UsageError(f"--show {ns.show}: give a whole number")
     config = config_path(ns)
     from automodel.recipes.vlm.config import resolve_config
     from automodel.recipes.vlm.data_check import check_config
 
     resolved, _ = resolve_config(load(config, overrides))
     quiet_libraries()
-    return check_config(resolved, max_samples=int(ns.max_samples), json_path=ns.json)
+    return check_config(
+        resolved, max_samples=int(ns.max_samples), json_path=ns.json, show=int(ns.show)
+    )

@@ -96,6 +96,13 @@ def render(schema: Schema, command: str) -> str:
     ]
     lines += [f"| `{key}` | {schema.docs[key]} |" for key in schema.top_level]
     lines.append("")
+    if schema.noticed:
+        lines += ["Sections accepted and not used (a run prints a note for each):", ""]
+        lines += [
+            f"- `{name}`: {notice.removeprefix(name + ': ')}"
+            for name, notice in schema.noticed.items()
+        ]
+        lines.append("")
     for section in schema.plain.values():
         lines += section_table(section)
     return "\n".join(lines)

@@ -31,6 +31,37 @@ DTypeName = Literal[
 ]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
+# The top-level `recipe` key: NeMo AutoModel's configs open with `recipe: FinetuneRecipeForVLM`,
+# the recipe class its CLI (`automodel CONFIG.yaml`) runs. Ours runs one recipe, VLM
+# fine-tuning; these are the names that select it (bare, or NeMo's or our dotted path).
+VLM_RECIPE = "FinetuneRecipeForVLM"
+VLM_RECIPE_NAMES = (
+    VLM_RECIPE,
+    f"automodel.recipes.vlm.finetune.{VLM_RECIPE}",
+    f"nemo_automodel.recipes.vlm.finetune.{VLM_RECIPE}",
+)
+
+
+def check_recipe(value: object) -> None:
+    """Accepts a ``recipe`` value that names the VLM fine-tuning recipe.
+
+    Args:
+        value: ``FinetuneRecipeForVLM``, a dotted path of ``VLM_RECIPE_NAMES``, or NeMo
+            AutoModel's mapping form ``{_target_: <one of those>}``.
+
+    Raises:
+        UsageError: any other recipe, in one line saying what automodel runs.
+    """
+    name = value
+    if isinstance(value, dict) and list(value) == ["_target_"]:
+        name = value["_target_"]
+    if isinstance(name, str) and name.strip() in VLM_RECIPE_NAMES:
+        return
+    raise UsageError(
+        f"recipe: {value!r} is not a recipe automodel runs; it runs one, {VLM_RECIPE} "
+        "(fine-tuning vision-language models)"
+    )
+
 
 @dataclass(frozen=True)
 class StepSchedulerConfig(Section):

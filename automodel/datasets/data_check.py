@@ -3,12 +3,15 @@
 The sample count, every bad sample with its ``file:line`` (or row) and reason, and histograms of
 text and image-token lengths as the collate renders them (the processor's chat template), with
 the share over ``dataloader.collate_fn.max_length``; ``format_report`` writes the report as
-text. ``recipes/vlm/data_check.py`` builds a config's datasets and calls these.
+text. ``render_sample`` shows one collated row as text with its labelled tokens marked
+(``data check --show N``). ``recipes/vlm/data_check.py`` builds a config's datasets and calls
+these.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,8 @@ from automodel.datasets import collate
 from automodel.datasets.checks import BadSample, sample_location, scan_dataset
 
 BAR = 30
+# Around each run of labelled tokens in a rendered sample: characters no chat template uses.
+LABEL_OPEN, LABEL_CLOSE = "\u27e6", "\u27e7"
 
 
 def check_dataset(
@@ -178,3 +183,172 @@ def _histogram_lines(title: str, stats: dict[str, Any]) -> list[str]:
         bar = "#" * round(BAR * count / peak) if peak else ""
         lines.append(f"  {int(lo):>6}-{int(np.ceil(hi)) - 1:<6} {bar:<{BAR}} {count}")
     return lines
+
+
+# ------------------------------------------------------------------------------ one sample shown
+@dataclass
+class RenderedSample:
+    """One collated row as the model sees it.
+
+    Attributes:
+        text: the decoded row, each run of labelled tokens between ``LABEL_OPEN`` and
+            ``LABEL_CLOSE`` and each run of one repeated image token written once with its count
+            (``<image_soft_token>×256``).
+        label_runs: the token ids of each run of consecutive labelled positions, in order.
+        image_tokens: image placeholders and the markers around them (``image_token_ids``).
+        prompt_tokens: every other unlabelled token (system, prompt, template); no padding.
+        label_tokens: labelled tokens; the three counts add up to ``length``.
+        length: the row's tokens without padding.
+    """
+
+    text: str
+    label_runs: list[list[int]]
+    image_tokens: int
+    prompt_tokens: int
+    label_tokens: int
+    length: int
+
+
+def render_sample(batch: dict[str, Any], row: int, processor: Any) -> RenderedSample:
+    """Row ``row`` of a collated batch as readable text with its labels marked.
+
+    Args:
+        batch: a collate's output (``input_ids``, ``labels``, ``attention_mask``).
+        row: the row to render.
+        processor: the processor the batch was rendered with (its tokenizer decodes the row).
+
+    Returns:
+        The rendered row and its token counts.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    keep = batch["attention_mask"][row].bool()
+    ids = batch["input_ids"][row][keep].tolist()
+    labelled = (batch["labels"][row][keep] != IGNORE_INDEX).tolist()
+    image_ids = set(collate.image_token_ids(processor))
+    runs = _runs(ids, labelled, image_ids)
+    counts = {"image": 0, "prompt": 0, "label": 0}
+    pieces, label_runs = [], []
+    for kind, start, end in runs:
+        counts[kind] += end - start
+        if kind == "image":
+            token = tokenizer.convert_ids_to_tokens(ids[start])
+            pieces.append(token if end - start == 1 else f"{token}\u00d7{end - start}")
+            continue
+        text = _decoded_span(tokenizer, ids, start, end)
+        if kind == "label":
+            label_runs.append(ids[start:end])
+            text = f"{LABEL_OPEN}{text}{LABEL_CLOSE}"
+        pieces.append(text)
+    return RenderedSample(
+        text="".join(pieces),
+        label_runs=label_runs,
+        image_tokens=counts["image"],
+        prompt_tokens=counts["prompt"],
+        label_tokens=counts["label"],
+        length=len(ids),
+    )
+
+
+def _runs(ids: list[int], labelled: list[bool], image_ids: set[int]) -> list[tuple[str, int, int]]:
+    """``(kind, start, end)`` for each run of positions of one kind (``image``: also one id)."""
+    runs: list[tuple[str, int, int]] = []
+    for pos, (token, label) in enumerate(zip(ids, labelled)):
+        kind = "image" if token in image_ids else "label" if label else "prompt"
+        if runs and runs[-1][0] == kind and (kind != "image" or ids[runs[-1][1]] == token):
+            runs[-1] = (kind, runs[-1][1], pos + 1)
+        else:
+            runs.append((kind, pos, pos + 1))
+    return runs
+
+
+def _decoded_span(tokenizer: Any, ids: list[int], start: int, end: int) -> str:
+    """The text tokens ``start:end`` add to the decoded row.
+
+    Decoded as the difference of two prefixes, not alone: some decoders drop a leading space
+    from the first token they see (Llama's), which would glue a reply to its prompt.
+    """
+
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(
+            tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    before, upto = decode(ids[:start]), decode(ids[:end])
+    if start and upto.startswith(before):
+        return upto[len(before) :]
+    return decode(ids[start:end])
+
+
+def show_samples(
+    dataset: Any, name: str, collate_fn: Any, processor: Any, n: int
+) -> list[dict[str, Any]]:
+    """The first ``n`` readable samples of ``dataset``, each collated alone and rendered.
+
+    Args:
+        dataset: the dataset as the config builds it.
+        name: its config section, for the samples' locations.
+        collate_fn: the configured collate (processor bound): the rows are what training sees.
+        processor: the processor the collate renders with.
+        n: how many samples to show.
+
+    Returns:
+        One entry per sample: ``where`` and either the ``RenderedSample``'s fields or
+        ``dropped`` (why the collate left it out). Samples that cannot be read are passed
+        over; the report lists them as bad.
+    """
+    shown: list[dict[str, Any]] = []
+    for i in range(len(dataset)):
+        if len(shown) == n:
+            break
+        try:
+            example = dataset[i]
+        except Exception:  # noqa: BLE001, S112 - a bad sample: the report lists it
+            continue
+        entry: dict[str, Any] = {"where": sample_location(dataset, i, name)}
+        try:
+            batch = collate_fn([example])
+        except Exception as exc:  # noqa: BLE001 - on_overlength: error, a broken sample
+            batch, entry["dropped"] = None, str(exc)
+        if batch is not None and batch.get("dropped"):
+            entry["dropped"] = batch["dropped"][0][1]
+        elif batch is not None:
+            entry.update(vars(render_sample(batch, 0, processor)))
+        elif "dropped" not in entry:
+            entry["dropped"] = _drop_reason(example, collate_fn, processor)
+        shown.append(entry)
+    return shown
+
+
+def _drop_reason(example: dict, collate_fn: Any, processor: Any) -> str:
+    """Why the collate returned no batch for a sample on its own (the default collate gives
+    its reasons only beside a batch): the collate's sample check, else its length verdict."""
+    try:
+        problem = collate.sample_problem(example["conversation"], processor)
+        if problem:
+            return problem
+        collate_fn([example], on_overlength="error")
+    except TypeError:  # a collate of the user's own, without on_overlength
+        pass
+    except Exception as exc:  # noqa: BLE001 - the verdict is the message
+        return str(exc).removeprefix("sample batch item 0: ")  # the collate's name for it
+    return "the collate returned no batch for it"
+
+
+def format_samples(name: str, samples: list[dict[str, Any]]) -> str:
+    """Rendered samples as text: each one's location, text and token counts."""
+    title = (
+        f"== {name}: {len(samples)} sample(s) as the collate renders them, labelled tokens "
+        f"between {LABEL_OPEN} and {LABEL_CLOSE}"
+    )
+    lines = [title]
+    for number, sample in enumerate(samples, 1):
+        lines.append(f"-- sample {number}: {sample['where']}")
+        if "dropped" in sample:
+            lines.append(f"dropped by the collate: {sample['dropped']}")
+            continue
+        counts = (
+            f"tokens: {sample['length']} = {sample['image_tokens']} image + "
+            f"{sample['prompt_tokens']} prompt + {sample['label_tokens']} label"
+        )
+        lines += [sample["text"], counts]
+    return "\n".join(lines)

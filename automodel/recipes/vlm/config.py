@@ -29,6 +29,7 @@ from automodel.config.sections import (
     StepSchedulerConfig,
     VisionCacheConfig,
     WandbConfig,
+    check_recipe,
 )
 from automodel.config.typed import Section
 from automodel.config.validate import Schema, validate_config
@@ -124,8 +125,16 @@ SCHEMA = Schema(
         "rng": False,
     },
     plain=PLAIN_SECTIONS,
-    top_level={"allowed_target_prefixes": list, "prepare": list},
+    noticed={
+        "ci": "ci: NeMo AutoModel's CI settings (time budget, recipe owner); not used here",
+    },
+    top_level={"recipe": str | dict, "allowed_target_prefixes": list, "prepare": list},
     docs={
+        "recipe": "optional: the recipe the config is for, as NeMo AutoModel's configs name it: "
+        "`FinetuneRecipeForVLM` (or `nemo_automodel.recipes.vlm.finetune.FinetuneRecipeForVLM`, "
+        "`automodel.recipes.vlm.finetune.FinetuneRecipeForVLM`, or `{_target_: ...}` of one of "
+        "them). The short form `automodel CONFIG.yaml` runs the recipe it names and needs it; any "
+        "other recipe stops the run (exit 2)",
         "model": "`_target_: automodel.models.AutoModelForImageTextToText.from_pretrained`, "
         "`pretrained_model_name_or_path`, `torch_dtype`, `attn_implementation`",
         "processor": "optional; defaults to `AutoProcessor` of the model's path",
@@ -199,6 +208,8 @@ def resolve_config(cfg: dict) -> tuple[dict, list[str]]:
     Raises:
         UsageError: the first unknown key or invalid value, named with its valid choices.
     """
+    if "recipe" in cfg:  # a config for another recipe: say so before anything else
+        check_recipe(cfg["recipe"])
     resolved = translate_seed_layout(copy.deepcopy(cfg))
     if isinstance(resolved.get("peft"), dict):
         resolved["peft"].setdefault("_target_", DEFAULT_PEFT)

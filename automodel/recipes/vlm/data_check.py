@@ -10,9 +10,15 @@ from typing import Any
 
 from automodel.config.sections import DataCheckConfig
 from automodel.datasets.checks import allowed_bad
-from automodel.datasets.data_check import check_dataset, format_report
+from automodel.datasets.data_check import (
+    check_dataset,
+    format_report,
+    format_samples,
+    show_samples,
+)
 from automodel.recipes.vlm.builders import (
     DATASET_SECTIONS,
+    build_collate,
     build_dataset,
     build_processor,
     run_prepare,
@@ -20,7 +26,11 @@ from automodel.recipes.vlm.builders import (
 
 
 def check_config(
-    cfg: dict, max_samples: int = 1000, json_path: str | Path | None = None, seed: int = 0
+    cfg: dict,
+    max_samples: int = 1000,
+    json_path: str | Path | None = None,
+    seed: int = 0,
+    show: int = 0,
 ) -> int:
     """Check the data of a resolved fine-tuning config and print the report.
 
@@ -33,6 +43,8 @@ def check_config(
             for in full.
         json_path: also write the report as JSON here.
         seed: the subset's seed.
+        show: print the first ``show`` training samples as ``dataloader.collate_fn`` renders
+            them, labelled tokens marked, with their image / prompt / label token counts.
 
     Returns:
         The exit code: 0 when every dataset is within the bad-sample policy, else 1.
@@ -53,6 +65,10 @@ def check_config(
         if not cfg.get(name):
             continue
         dataset = build_dataset(cfg, name)
+        if show and name == "dataset":
+            samples = show_samples(dataset, name, build_collate(cfg, processor), processor, show)
+            report["samples"] = samples
+            print(format_samples(name, samples) + "\n")
         entry = check_dataset(dataset, name, processor, max_length, max_samples, seed)
         allowed = allowed_bad(entry["num_samples"], policy)
         entry["allowed_bad"] = allowed
