@@ -351,3 +351,28 @@ def test_cli_data_check_lists_bad_samples_and_fails(tiny_gemma3, bad_folder, tmp
     data = json.loads(report.read_text())["datasets"]["dataset"]
     assert data["num_samples"] == 11 and data["num_bad"] == len(BAD_LINES) + 1
     assert data["allowed_bad"] == 0 and data["ok"] is False
+
+
+def test_show_renders_every_row_of_a_thinking_templates_sample(tiny_family):
+    """Qwen3.5 trains a two-reply sample as two rows; --show prints both, each marked."""
+    from transformers import AutoProcessor
+
+    from automodel.datasets.collate import default_collate_fn
+    from automodel.datasets.data_check import format_samples, show_samples
+
+    processor = AutoProcessor.from_pretrained(tiny_family("qwen3_5"))
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Again"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello again."}]},
+    ]
+    dataset = [{"conversation": conversation}]
+
+    def collate(batch, **kwargs):
+        return default_collate_fn(batch, processor, **kwargs)
+
+    shown = show_samples(dataset, "dataset", collate, processor, 1)
+    assert [s["where"].endswith(f"row {r} of 2") for r, s in enumerate(shown, 1)] == [True, True]
+    text = format_samples("dataset", shown)
+    assert "⟦Hello.<|im_end|>⟧" in text and "⟦Hello again.<|im_end|>⟧" in text

@@ -100,9 +100,13 @@ def _measure(dataset: Any, i: int, processor: Any, image_ids: torch.Tensor) -> t
         problem = str(exc) if exc.__class__.__name__ == "BadSampleError" else repr(exc)
     if problem:
         return problem
-    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    # A template that renders history differently from generation gives one row per reply:
+    # the longest row is the sample's length, every row's labels count.
+    lengths = batch["attention_mask"].sum(dim=1)
+    row = int(lengths.argmax())
+    ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
     n_image = int(torch.isin(ids, image_ids).sum())
-    return len(ids), n_image, int((batch["labels"][0] != IGNORE_INDEX).sum())
+    return len(ids), n_image, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def summarize(values: list[int], bins: int = 10) -> dict[str, Any]:
@@ -292,18 +296,21 @@ def show_samples(
         n: how many samples to show.
 
     Returns:
-        One entry per sample: ``where`` and either the ``RenderedSample``'s fields or
-        ``dropped`` (why the collate left it out). Samples that cannot be read are passed
-        over; the report lists them as bad.
+        One entry per row (a sample whose template renders history differently from
+        generation trains as one row per reply): ``where`` and either the
+        ``RenderedSample``'s fields or ``dropped`` (why the collate left it out). Samples
+        that cannot be read are passed over; the report lists them as bad.
     """
     shown: list[dict[str, Any]] = []
+    taken = 0
     for i in range(len(dataset)):
-        if len(shown) == n:
+        if taken == n:
             break
         try:
             example = dataset[i]
         except Exception:  # noqa: BLE001, S112 - a bad sample: the report lists it
             continue
+        taken += 1
         entry: dict[str, Any] = {"where": sample_location(dataset, i, name)}
         try:
             batch = collate_fn([example])
@@ -312,7 +319,12 @@ def show_samples(
         if batch is not None and batch.get("dropped"):
             entry["dropped"] = batch["dropped"][0][1]
         elif batch is not None:
-            entry.update(vars(render_sample(batch, 0, processor)))
+            # One row per reply where the template renders history differently from generation.
+            rows = batch["input_ids"].shape[0]
+            for row in range(rows):
+                where = entry["where"] + (f", row {row + 1} of {rows}" if rows > 1 else "")
+                shown.append({"where": where, **vars(render_sample(batch, row, processor))})
+            continue
         elif "dropped" not in entry:
             entry["dropped"] = _drop_reason(example, collate_fn, processor)
         shown.append(entry)
