@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -55,6 +55,8 @@ class Family:
         stop_tokens: the tokens that end an assistant reply.
         template_fixup: a fix the family's hub chat template needs, applied to the template
             before the collate renders with it (None: the template is used as it is).
+        packing_refusal: given the model's config, why packed rows cannot give this model's
+            padded results (a one-line reason; packing then refuses to start), or None.
     """
 
     model_type: str
@@ -75,6 +77,7 @@ class Family:
     bidirectional: Literal["image", "prefix"] | None = None
     one_mask_only: bool = False
     template_fixup: Callable[[str], str] | None = None
+    packing_refusal: Callable[[Any], str | None] | None = None
     registered: bool = True
 
 
@@ -123,6 +126,38 @@ _PALIGEMMA = _family(
 )
 
 
+# Gemma 4: the tower takes patches with their 2D positions and returns the soft tokens of all the
+# batch's images in one sequence (not cacheable image by image); embed_vision projects them.
+# <|image|> is the soft token, <|image> and <image|> frame each image. An image becomes at most
+# image_seq_length soft tokens (the processor's budget; fewer when the aspect ratio does not
+# fill it). E2B and E4B attend causally over images (use_bidirectional_attention=None).
+def _gemma4_packing_refusal(config) -> str | None:
+    # 26B-A4B and 31B set use_bidirectional_attention="vision": image tokens attend both ways
+    # within their image (from mm_token_type_ids) on sliding-window layers only ("all": every
+    # token, every layer). Packed masks build neither.
+    mode = getattr(config.get_text_config(), "use_bidirectional_attention", None)
+    if mode is None:
+        return None
+    return (
+        f"this Gemma 4 checkpoint sets use_bidirectional_attention={mode!r} (as 26B-A4B and 31B "
+        "do), which packed masks do not build"
+    )
+
+
+_GEMMA4 = _family(
+    "gemma4",
+    "model.vision_tower",
+    "model.embed_vision",
+    "model.language_model",
+    cacheable=False,
+    image_token_attrs=("image_token_id", "boi_token_id", "eoi_token_id"),
+    config_image_token="image_token_id",
+    tokens_per_image_attrs=("image_seq_length",),
+    stop_tokens=("<turn|>",),
+    packing_refusal=_gemma4_packing_refusal,
+)
+
+
 def _qwen_vl(model_type: str, rope_inputs: tuple[str, ...]) -> Family:
     # The patch merger (the projector) lives inside the vision module; position ids are the
     # model's own multimodal RoPE rows.
@@ -161,6 +196,7 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         _GEMMA3,
+        _GEMMA4,
         _PALIGEMMA,
         _qwen_vl("qwen2_vl", (*_QWEN_ROPE_INPUTS, "attention_mask")),
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
@@ -182,7 +218,7 @@ FAMILIES: dict[str, Family] = {
 # ---------------------------------------------------------------------------- the fallback
 # Attribute names under ``model.model`` that transformers 5.x gives each part.
 _TOWER_NAMES = ("vision_tower", "vision_model", "visual")
-_PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger")
+_PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger", "embed_vision")
 _DECODER_NAMES = ("language_model", "text_model")
 _IMAGE_TOKEN_ATTRS = (
     "image_token_id",
@@ -221,6 +257,7 @@ _PROBING = Family(
         "*visual*",
         "*multi_modal_projector*",
         "*connector*",
+        "*embed_vision*",
         "*lm_head*",
     ),
     cached_tower=None,

@@ -56,7 +56,8 @@ class Packer:
             sample, so a packed row is never longer than a padded one.
 
     Raises:
-        UsageError: the model has attention layers packing does not handle.
+        UsageError: the model has attention layers packing does not handle, or its family
+            registry entry refuses packing for its config.
     """
 
     def __init__(self, model, pack_length: int | None = None):
@@ -71,6 +72,9 @@ class Packer:
                 f"packing: {self.family} has {', '.join(sorted(layer_types - _LAYER_TYPES))} "
                 "layers, which packed masks do not cover; set packing.enabled=false"
             )
+        refusal = family.packing_refusal(inner.config) if family.packing_refusal else None
+        if refusal:
+            raise UsageError(f"packing: {refusal}; set packing.enabled=false")
         if pack_length is not None and pack_length < 1:
             raise UsageError(f"packing.pack_length={pack_length} must be at least 1 (or null)")
         self.sliding = "sliding_attention" in layer_types
