@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,9 +32,14 @@ from automodel.models.families import family_of
 from automodel.models.forward import label_logits
 from automodel.training.checkpoint import save_hf_folder
 from automodel.twins import TWIN_FAMILIES as FAMILIES
+from automodel.twins import TWIN_TEMPLATES
+from automodel.twins.common import TEMPLATES
 from tests.conftest import ROOT, labelled_spans, run_python
 
 CHAT_FAMILIES = [f for f in FAMILIES if f != "paligemma"]
+# Twins whose chat template adds {% generation %} markers to the hub's (the others carry the hub
+# template verbatim, as TWIN_TEMPLATES says).
+MARKED_FAMILIES = [f for f in CHAT_FAMILIES if f not in TWIN_TEMPLATES]
 
 
 def end_of_turn(model) -> str:
@@ -139,7 +145,21 @@ def test_labels_are_exactly_the_replies(family, loaded):
     assert not labelled[batch["attention_mask"] == 0].any(), "a padding token has a label"
 
 
-@pytest.mark.parametrize("family", CHAT_FAMILIES)
+@pytest.mark.parametrize("family", sorted(TWIN_TEMPLATES))
+def test_twins_carry_their_hub_template_verbatim(family, loaded):
+    """The twin's processor and tokenizer render with the stored hub template, byte for byte;
+    one copied from TRL is TRL's file."""
+    processor, _ = loaded(family)
+    hub = TWIN_TEMPLATES[family]
+    assert processor.chat_template == hub.text() == processor.tokenizer.chat_template
+    if hub.trl_file:
+        import trl
+
+        trl_file = Path(trl.__file__).parent / "chat_templates" / hub.trl_file
+        assert trl_file.read_bytes() == (TEMPLATES / hub.file).read_bytes()
+
+
+@pytest.mark.parametrize("family", MARKED_FAMILIES)
 def test_templates_without_generation_markers_give_the_same_labels(family, loaded):
     processor, _ = loaded(family)
     plain = _without_markers(processor)
