@@ -289,11 +289,13 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "family,strategy", [("llava", "fsdp2"), ("llava", "ddp"), ("qwen2_vl", "fsdp2")]
+    "family,strategy",
+    [("llava", "fsdp2"), ("llava", "ddp"), ("qwen2_vl", "fsdp2"), ("gemma4", "fsdp2")],
 )
 def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mixed_cfg, tmp_path):
     """LLaVA reads the tower's second-to-last layer (unused parameters: frozen under DDP and
-    FSDP2) and records hidden states by class name (kept under FSDP2); Qwen2-VL has mRoPE."""
+    FSDP2) and records hidden states by class name (kept under FSDP2); Qwen2-VL has mRoPE;
+    Gemma 4's tower takes patches and their positions, and its decoder shares KV layers."""
     model = tiny_family(family)
     one = _config(tmp_path / "one.yaml", model, mixed_cfg, tmp_path / "one", **_mixed(False))
     two = _config(
