@@ -296,12 +296,14 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
         ("qwen2_vl", "fsdp2"),
         ("qwen3_vl", "fsdp2"),
         ("qwen3_5", "fsdp2"),
+        ("gemma4", "fsdp2"),
     ],
 )
 def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mixed_cfg, tmp_path):
     """LLaVA reads the tower's second-to-last layer (unused parameters: frozen under DDP and
     FSDP2) and records hidden states by class name (kept under FSDP2); Qwen2-VL has mRoPE;
-    Qwen3-VL adds DeepStack mergers inside the tower unit; Qwen3.5 has linear-attention layers."""
+    Qwen3-VL adds DeepStack mergers inside the tower unit; Qwen3.5 has linear-attention layers.
+    Gemma 4's tower takes patches and their positions, and its decoder shares KV layers."""
     model = tiny_family(family)
     one = _config(tmp_path / "one.yaml", model, mixed_cfg, tmp_path / "one", **_mixed(False))
     two = _config(

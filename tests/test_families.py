@@ -40,6 +40,7 @@ def end_of_turn(model) -> str:
 
 EXAMPLES = {
     "gemma3": "gemma3_4b_it_cord_v2.yaml",
+    "gemma4": "gemma4_e4b_it_cord_v2.yaml",
     "paligemma": "paligemma2_3b_pt_448_cord_v2.yaml",
     "qwen2_vl": "qwen2_vl_2b_instruct_cord_v2.yaml",
     "qwen2_5_vl": "qwen2_5_vl_3b_instruct_cord_v2.yaml",

@@ -59,7 +59,8 @@ def padded_batch(folder, samples):
 @torch.no_grad()
 def test_packed_rows_match_padded_rows(family, tiny_family):
     model, batch, labels = padded_batch(tiny_family(family), SAMPLES)
-    refused = family_of(model).packing_refused
+    refusal = family_of(model).packing_refusal
+    refused = refusal(model.config) if refusal else None
     if refused:
         # The registry says why this decoder cannot keep packed samples apart (Qwen3.5's linear
         # attention): packing is refused in one line, before any batch is packed.
@@ -119,3 +120,16 @@ def test_packing_refuses_left_padding_and_bad_lengths(tiny_family):
     flipped = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}
     with pytest.raises(UsageError, match="right-padded"):
         Packer(model)(flipped, labels.flip(1))
+
+
+def test_gemma4_with_bidirectional_image_attention_is_refused(tmp_path):
+    """Gemma 4's large checkpoints (use_bidirectional_attention="vision") attend image tokens
+    both ways on sliding-window layers only; packing refuses them, E2B / E4B (causal) pack."""
+    from transformers import AutoModelForImageTextToText
+
+    from automodel.twins import make_tiny
+
+    folder = make_tiny("gemma4", tmp_path / "g4", use_bidirectional_attention="vision")
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    with pytest.raises(UsageError, match="use_bidirectional_attention='vision'.*packing.enabled"):
+        Packer(model)

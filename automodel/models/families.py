@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -57,9 +57,8 @@ class Family:
             with a stop token), applied to the processor's template when the run starts, so
             labels and the template ``final_model`` ships both carry it (None: the template is
             used as it is).
-        packing_refused: why packed rows cannot equal padded rows for this family (its
-            decoder carries information from one packed sample into the next), said in the
-            error that refuses packing; None: the family packs.
+        packing_refusal: given the model's config, why packed rows cannot give this model's
+            padded results (a one-line reason; packing then refuses to start), or None.
     """
 
     model_type: str
@@ -80,7 +79,7 @@ class Family:
     bidirectional: Literal["image", "prefix"] | None = None
     one_mask_only: bool = False
     template_fixup: TemplateFixup | None = None
-    packing_refused: str | None = None
+    packing_refusal: Callable[[Any], str | None] | None = None
     registered: bool = True
 
 
@@ -155,6 +154,38 @@ _PALIGEMMA = _family(
 )
 
 
+# Gemma 4: the tower takes patches with their 2D positions and returns the soft tokens of all the
+# batch's images in one sequence (not cacheable image by image); embed_vision projects them.
+# <|image|> is the soft token, <|image> and <image|> frame each image. An image becomes at most
+# image_seq_length soft tokens (the processor's budget; fewer when the aspect ratio does not
+# fill it). E2B and E4B attend causally over images (use_bidirectional_attention=None).
+def _gemma4_packing_refusal(config) -> str | None:
+    # 26B-A4B and 31B set use_bidirectional_attention="vision": image tokens attend both ways
+    # within their image (from mm_token_type_ids) on sliding-window layers only ("all": every
+    # token, every layer). Packed masks build neither.
+    mode = getattr(config.get_text_config(), "use_bidirectional_attention", None)
+    if mode is None:
+        return None
+    return (
+        f"this Gemma 4 checkpoint sets use_bidirectional_attention={mode!r} (as 26B-A4B and 31B "
+        "do), which packed masks do not build"
+    )
+
+
+_GEMMA4 = _family(
+    "gemma4",
+    "model.vision_tower",
+    "model.embed_vision",
+    "model.language_model",
+    cacheable=False,
+    image_token_attrs=("image_token_id", "boi_token_id", "eoi_token_id"),
+    config_image_token="image_token_id",
+    tokens_per_image_attrs=("image_seq_length",),
+    stop_tokens=("<turn|>",),
+    packing_refusal=_gemma4_packing_refusal,
+)
+
+
 def _qwen_vl(
     model_type: str, rope_inputs: tuple[str, ...], deepstack: bool = False, **facts
 ) -> Family:
@@ -201,6 +232,7 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         _GEMMA3,
+        _GEMMA4,
         _PALIGEMMA,
         _qwen_vl("qwen2_vl", (*_QWEN_ROPE_INPUTS, "attention_mask")),
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
@@ -210,9 +242,9 @@ FAMILIES: dict[str, Family] = {
         _qwen_vl(
             "qwen3_5",
             (*_QWEN_ROPE_INPUTS, "attention_mask"),
-            packing_refused=(
-                "its Gated DeltaNet layers (a causal convolution and a recurrent state) run "
-                "through a packed row without stopping at sample boundaries"
+            packing_refusal=lambda config: (
+                "qwen3_5's Gated DeltaNet layers (a causal convolution and a recurrent state) "
+                "run through a packed row without stopping at sample boundaries"
             ),
         ),
         _idefics3_like("smolvlm"),
@@ -240,6 +272,7 @@ _PROJECTOR_NAMES = (
     "mm_projector",
     "merger",
     "deepstack_merger_list",
+    "embed_vision",
 )
 _DECODER_NAMES = ("language_model", "text_model")
 _IMAGE_TOKEN_ATTRS = (
@@ -279,6 +312,7 @@ _PROBING = Family(
         "*visual*",
         "*multi_modal_projector*",
         "*connector*",
+        "*embed_vision*",
         "*lm_head*",
     ),
     cached_tower=None,

@@ -20,7 +20,7 @@ their features in the same order as unpacked.
 
 A decoder that carries state along the row (Qwen3.5's Gated DeltaNet layers: a causal
 convolution and a recurrent state that do not stop at sample boundaries) cannot keep packed
-samples apart: the family registry's ``packing_refused`` says why, and packing is refused.
+samples apart: the family registry's ``packing_refusal`` says why, and packing is refused.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class Packer:
             sample, so a packed row is never longer than a padded one.
 
     Raises:
-        UsageError: the model has attention layers packing does not handle.
+        UsageError: the model has attention layers packing does not handle, or its family
+            registry entry refuses packing for its config.
     """
 
     def __init__(self, model, pack_length: int | None = None):
@@ -68,11 +69,10 @@ class Packer:
         self.base = inner.model
         family = family_of(inner)
         self.family = inner.config.model_type
-        if family.packing_refused:
-            raise UsageError(
-                f"packing: {self.family} cannot be packed exactly: {family.packing_refused}; "
-                "set packing.enabled=false"
-            )
+        # The registry's reason first: it says what in the family breaks packing.
+        refusal = family.packing_refusal(inner.config) if family.packing_refusal else None
+        if refusal:
+            raise UsageError(f"packing: {refusal}; set packing.enabled=false")
         self.text_config = inner.config.get_text_config()
         layer_types = set(getattr(self.text_config, "layer_types", None) or ["full_attention"])
         if layer_types - _LAYER_TYPES:

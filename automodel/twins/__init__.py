@@ -11,7 +11,7 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``corpus.py``: the built-in tokenizer training corpus;
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
-- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``qwen3_vl``, ``qwen3_5``,
+- one module per family (``gemma3``, ``gemma4``, ``paligemma``, ``qwen_vl``, ``qwen3_vl``, ``qwen3_5``,
   ``idefics3``, ``llava``): its configs, special tokens and chat template. A new family registers its builder
   in ``TWIN_FAMILIES`` (and a hub template it carries in ``TWIN_TEMPLATES``);
 - ``templates/``: hub chat templates, byte for byte.
@@ -28,6 +28,8 @@ from automodel.errors import UsageError
 from automodel.twins import gemma3, idefics3, llava, qwen_vl
 from automodel.twins.common import HubTemplate
 from automodel.twins.gemma3 import build_gemma3
+from automodel.twins.gemma4 import CHAT_TEMPLATE as GEMMA4_TEMPLATE
+from automodel.twins.gemma4 import build_gemma4
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
@@ -42,6 +44,7 @@ __all__ = ["TWIN_FAMILIES", "TWIN_TEMPLATES", "make_tiny"]
 # family name -> builder(out_dir, seed, **overrides), which writes the twin into out_dir.
 TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "gemma3": build_gemma3,
+    "gemma4": build_gemma4,
     "paligemma": build_paligemma,
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
@@ -65,6 +68,7 @@ TWIN_TEMPLATES: dict[str, HubTemplate] = {
     "llava_siglip": llava.CHAT_TEMPLATE,
     "qwen3_vl": QWEN3_VL_TEMPLATE,
     "qwen3_5": QWEN3_5_TEMPLATE,
+    "gemma4": GEMMA4_TEMPLATE,
 }
 
 
