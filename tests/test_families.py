@@ -151,6 +151,23 @@ def test_templates_without_generation_markers_give_the_same_labels(family, loade
     assert torch.equal(marked["labels"], diffed["labels"])
 
 
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_a_text_only_sample_may_come_before_one_with_images(family, loaded):
+    """Rendering by prefixes: some processors (InternVL's, Idefics3's) cannot make tensors of
+    their own replacement offsets when the first row has no image and a later one has."""
+    processor, model = loaded(family)
+    if has_generation_markers(processor):
+        processor = _without_markers(processor)
+    text_only = {"conversation": [_turn("user", "Hi there."), _turn("assistant", "Hello")]}
+    batch = default_collate_fn([text_only, _samples(family)[0][1]], processor)
+    spans = [labelled_spans(row, processor.tokenizer) for row in batch["labels"]]
+    end = end_of_turn(model)
+    assert [[s.removeprefix(" ") for s in row] for row in spans] == [
+        ["Hello" + end],
+        ["Blue" + end],
+    ]
+
+
 def test_prefix_lm_is_detected_by_capability(loaded):
     assert is_prefix_lm(loaded("paligemma")[0])
     assert not any(is_prefix_lm(loaded(f)[0]) for f in ("gemma3", "llava"))

@@ -274,6 +274,8 @@ def reply_spans(conversation: list[dict], processor) -> tuple[str, list[tuple[in
 
 
 def _render_by_prefixes(conversations: list[list[dict]], processor) -> dict:
+    from transformers import BatchFeature
+
     texts, spans = zip(*(reply_spans(c, processor) for c in conversations))
     images = [_images(c) for c in conversations]
     bos = getattr(processor.tokenizer, "bos_token", None)
@@ -282,15 +284,19 @@ def _render_by_prefixes(conversations: list[list[dict]], processor) -> dict:
         images=images if any(images) else None,
         padding=True,
         padding_side="right",
-        return_tensors="pt",
+        # Python objects, made tensors below without the replacement offsets: some processors
+        # (InternVL, Idefics3) wrap their output again and then try to make a tensor of the
+        # offsets too, which fails when a later row has an image and the first has none.
+        return_tensors=None,
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
         # The template already wrote <bos> when it starts with it (as apply_chat_template does).
         add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)),
     )
     batch = dict(batch)
-    offsets = batch.pop("offset_mapping").tolist()
+    offsets = batch.pop("offset_mapping")
     replaced = batch.pop("text_replacement_offsets", None) or [[] for _ in texts]
+    batch = dict(BatchFeature(batch, tensor_type="pt"))
     mask = torch.zeros_like(batch["input_ids"])
     for row, row_spans in enumerate(spans):
         # Image placeholders expand into many tokens: shift each span past the expansions before it.
