@@ -166,6 +166,18 @@ FAMILIES: dict[str, Family] = {
         _qwen_vl("qwen2_5_vl", (*_QWEN_ROPE_INPUTS, "second_per_grid_ts", "attention_mask")),
         _idefics3_like("smolvlm"),
         _idefics3_like("idefics3"),
+        # InternVL 3: each image is cropped into tiles (plus a thumbnail), each tile becomes
+        # image_seq_length <IMG_CONTEXT> tokens, the whole image framed by <img> ... </img>.
+        _family(
+            "internvl",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "model.language_model",
+            image_token_attrs=("image_token_id", "start_image_token_id", "end_image_token_id"),
+            config_image_token="image_token_id",
+            tokens_per_image_attrs=("image_seq_length",),
+            stop_tokens=("<|im_end|>",),
+        ),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
         _family(
             "llava",
@@ -193,6 +205,8 @@ _IMAGE_TOKEN_ATTRS = (
     "vision_end_token_id",
     "fake_image_token_id",
     "global_image_token_id",
+    "start_image_token_id",
+    "end_image_token_id",
 )
 _CONFIG_IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 _TOKENS_PER_IMAGE_ATTRS = ("image_seq_length", "num_image_tokens", "image_seq_len")

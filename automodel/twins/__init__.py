@@ -11,9 +11,9 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``corpus.py``: the built-in tokenizer training corpus;
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
-- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``): its
-  configs, special tokens and chat template. A new family registers its builder in
-  ``TWIN_FAMILIES``.
+- one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``,
+  ``internvl``): its configs, special tokens and chat template. A new family registers its
+  builder in ``TWIN_FAMILIES``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from automodel.errors import UsageError
 from automodel.twins.common import HubTemplate
 from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
+from automodel.twins.internvl import CHAT_TEMPLATE as INTERNVL_TEMPLATE
+from automodel.twins.internvl import build_internvl
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
@@ -43,11 +45,14 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "idefics3": build_idefics3,
     "llava": build_llava,
     "llava_siglip": build_llava_siglip,
+    "internvl": build_internvl,
 }
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
 # template; PaliGemma, a prefix-LM, has none).
-TWIN_TEMPLATES: dict[str, HubTemplate] = {}
+TWIN_TEMPLATES: dict[str, HubTemplate] = {
+    "internvl": INTERNVL_TEMPLATE,
+}
 
 
 def make_tiny(
