@@ -233,8 +233,28 @@ def _render_with_markers(conversations: list[list[dict]], processor) -> dict:
         **_template_kwargs(processor),
     )
     batch = dict(batch)
-    mask = batch.pop("assistant_masks")
-    return _labels(batch, torch.as_tensor(mask), processor)
+    mask = torch.as_tensor(batch.pop("assistant_masks"))
+    return _labels(
+        batch, _without_trailing_whitespace(mask, batch["input_ids"], processor), processor
+    )
+
+
+def _without_trailing_whitespace(mask: torch.Tensor, input_ids: torch.Tensor, processor):
+    """``mask`` with the whitespace-only tokens at the end of each reply unmarked.
+
+    Some templates put the newline after the end-of-turn token inside ``{% generation %}``
+    (LFM2.5-VL's): a model stops at that token and never writes what follows, and the reply
+    spans found by prefixes end at the last non-whitespace character too.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    mask = mask.clone()
+    for row, col in (mask[:, 1:] < mask[:, :-1]).nonzero().tolist() + [
+        (r, mask.shape[1] - 1) for r in (mask[:, -1] == 1).nonzero().flatten().tolist()
+    ]:
+        while col >= 0 and mask[row, col] and not tokenizer.decode(input_ids[row, col]).strip():
+            mask[row, col] = 0
+            col -= 1
+    return mask
 
 
 def reply_spans(conversation: list[dict], processor) -> tuple[str, list[tuple[int, int]]]:
