@@ -290,7 +290,13 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family,strategy",
-    [("llava", "fsdp2"), ("llava", "ddp"), ("qwen2_vl", "fsdp2"), ("internvl", "fsdp2")],
+    [
+        ("llava", "fsdp2"),
+        ("llava", "ddp"),
+        ("qwen2_vl", "fsdp2"),
+        ("internvl", "fsdp2"),
+        ("lfm2_vl", "fsdp2"),
+    ],
 )
 def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mixed_cfg, tmp_path):
     """LLaVA reads the tower's second-to-last layer (unused parameters: frozen under DDP and

@@ -48,6 +48,7 @@ EXAMPLES = {
     "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
     "llava": "llava_1_5_7b_cord_v2.yaml",
     "internvl": "internvl3_2b_hf_cord_v2.yaml",
+    "lfm2_vl": "lfm2_5_vl_3b_cord_v2.yaml",
 }
 
 

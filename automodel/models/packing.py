@@ -56,7 +56,8 @@ class Packer:
             sample, so a packed row is never longer than a padded one.
 
     Raises:
-        UsageError: the model has attention layers packing does not handle.
+        UsageError: the model has attention layers packing does not handle, or its decoder mixes
+            tokens outside attention (the family registry's ``packable``).
     """
 
     def __init__(self, model, pack_length: int | None = None):
@@ -65,6 +66,12 @@ class Packer:
         family = family_of(inner)
         self.family = inner.config.model_type
         self.text_config = inner.config.get_text_config()
+        if not family.packable:
+            raise UsageError(
+                f"packing: {self.family}'s decoder mixes neighbouring tokens outside attention "
+                "(short convolutions), so packed samples would see each other; set "
+                "packing.enabled=false"
+            )
         layer_types = set(getattr(self.text_config, "layer_types", None) or ["full_attention"])
         if layer_types - _LAYER_TYPES:
             raise UsageError(

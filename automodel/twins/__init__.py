@@ -12,7 +12,7 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
 - one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``,
-  ``internvl``): its configs, special tokens and chat template. A new family registers its
+  ``internvl``, ``lfm2_vl``): its configs, special tokens and chat template. A new family registers its
   builder in ``TWIN_FAMILIES``.
 """
 
@@ -29,6 +29,8 @@ from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
 from automodel.twins.internvl import CHAT_TEMPLATE as INTERNVL_TEMPLATE
 from automodel.twins.internvl import build_internvl
+from automodel.twins.lfm2_vl import CHAT_TEMPLATE as LFM2_VL_TEMPLATE
+from automodel.twins.lfm2_vl import build_lfm2_vl
 from automodel.twins.llava import build_llava, build_llava_siglip
 from automodel.twins.paligemma import build_paligemma
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
@@ -46,12 +48,14 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "llava": build_llava,
     "llava_siglip": build_llava_siglip,
     "internvl": build_internvl,
+    "lfm2_vl": build_lfm2_vl,
 }
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
 # template; PaliGemma, a prefix-LM, has none).
 TWIN_TEMPLATES: dict[str, HubTemplate] = {
     "internvl": INTERNVL_TEMPLATE,
+    "lfm2_vl": LFM2_VL_TEMPLATE,
 }
 
 
