@@ -196,6 +196,19 @@ FAMILIES: dict[str, Family] = {
             stop_tokens=("<|im_end|>",),
             packable=False,
         ),
+        # Mistral 3: a Pixtral tower reads all images of a batch as one sequence (at their own
+        # sizes) and its hidden states are read by layer, so it is not cached. Each row of [IMG]
+        # ends with [IMG_BREAK], the image with [IMG_END].
+        _family(
+            "mistral3",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "model.language_model",
+            cacheable=False,
+            image_token_attrs=("image_token_id", "image_break_token_id", "image_end_token_id"),
+            config_image_token="image_token_id",
+            stop_tokens=("</s>",),
+        ),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
         _family(
             "llava",
@@ -227,6 +240,7 @@ _IMAGE_TOKEN_ATTRS = (
     "end_image_token_id",
     "image_start_token_id",
     "image_end_token_id",
+    "image_break_token_id",
 )
 _CONFIG_IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 _TOKENS_PER_IMAGE_ATTRS = ("image_seq_length", "num_image_tokens", "image_seq_len")

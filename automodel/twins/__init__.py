@@ -12,7 +12,7 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
 - one module per family (``gemma3``, ``paligemma``, ``qwen_vl``, ``idefics3``, ``llava``,
-  ``internvl``, ``lfm2_vl``): its configs, special tokens and chat template. A new family registers its
+  ``internvl``, ``lfm2_vl``, ``mistral3``): its configs, special tokens and chat template. A new family registers its
   builder in ``TWIN_FAMILIES``.
 """
 
@@ -32,6 +32,8 @@ from automodel.twins.internvl import build_internvl
 from automodel.twins.lfm2_vl import CHAT_TEMPLATE as LFM2_VL_TEMPLATE
 from automodel.twins.lfm2_vl import build_lfm2_vl
 from automodel.twins.llava import build_llava, build_llava_siglip
+from automodel.twins.mistral3 import CHAT_TEMPLATE as MISTRAL3_TEMPLATE
+from automodel.twins.mistral3 import build_mistral3
 from automodel.twins.paligemma import build_paligemma
 from automodel.twins.qwen_vl import build_qwen2_5_vl, build_qwen2_vl
 
@@ -49,6 +51,7 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "llava_siglip": build_llava_siglip,
     "internvl": build_internvl,
     "lfm2_vl": build_lfm2_vl,
+    "mistral3": build_mistral3,
 }
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
@@ -56,6 +59,7 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
 TWIN_TEMPLATES: dict[str, HubTemplate] = {
     "internvl": INTERNVL_TEMPLATE,
     "lfm2_vl": LFM2_VL_TEMPLATE,
+    "mistral3": MISTRAL3_TEMPLATE,
 }
 
 
