@@ -9,6 +9,7 @@ about 8 s. The build time and parameter count are printed by `test_size_and_buil
 import math
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,7 +19,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from automodel.errors import UsageError
-from automodel.twins import TWIN_FAMILIES, make_tiny
+from automodel.twins import TWIN_FAMILIES, TWIN_TEMPLATES, make_tiny
+from automodel.twins.common import TEMPLATES
 from automodel.twins.gemma3 import GEMMA3_CHAT_TEMPLATE
 from automodel.twins.tokenizer import train_tokenizer
 
@@ -247,6 +249,20 @@ def test_vocabulary_past_the_corpus_is_filled_with_plain_entries():
 def test_invalid_overrides_raise_usage_error(tmp_path, overrides):
     with pytest.raises(UsageError):
         make_tiny("gemma3", tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("family", sorted(TWIN_TEMPLATES))
+def test_a_twin_carries_its_hub_template_byte_for_byte(family, tiny_family):
+    """The saved processor and tokenizer render with the stored hub template; one copied from
+    TRL's chat_templates/ is that file's bytes (TRL's CI compares those with the hub)."""
+    import trl
+
+    hub = TWIN_TEMPLATES[family]
+    processor = AutoProcessor.from_pretrained(tiny_family(family))
+    assert processor.chat_template == hub.text() == processor.tokenizer.chat_template
+    if hub.trl_file:
+        trl_copy = Path(trl.__file__).parent / "chat_templates" / hub.trl_file
+        assert trl_copy.read_bytes() == (TEMPLATES / hub.file).read_bytes()
 
 
 def test_unknown_family_raises_usage_error(tmp_path):
