@@ -16,8 +16,9 @@ Hub facts, and where they come from:
   it starts from;
 - tiles of 448 pixels, ImageNet mean / std, bicubic resampling, RGB conversion:
   ``write_image_processor`` in the same script; ``min_patches`` 1, ``max_patches`` 12 (the
-  ``GotOcr2ImageProcessor`` defaults the hub's preprocessor_config.json keeps) and
-  ``crop_to_patches`` on (``InternVLProcessor.images_kwargs`` in transformers 5.24);
+  ``GotOcr2ImageProcessor`` defaults, which that script leaves as they are; the hub's
+  preprocessor_config.json could not be read here) and ``crop_to_patches`` on (the
+  processor turns it on: ``InternVLProcessor.images_kwargs`` in transformers 5.24);
 - patch size 14, ``downsample_ratio`` 0.5, ``vision_feature_layer`` -1, the ``default`` feature
   strategy (drops the CLS token): ``InternVLConfig`` / ``InternVLVisionConfig`` defaults in
   transformers 5.24 (``@auto_docstring(checkpoint="OpenGVLab/InternVL3-1B-hf")``); the InternViT-300M
