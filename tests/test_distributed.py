@@ -297,6 +297,9 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
         ("qwen3_vl", "fsdp2"),
         ("qwen3_5", "fsdp2"),
         ("gemma4", "fsdp2"),
+        ("internvl", "fsdp2"),
+        ("lfm2_vl", "fsdp2"),
+        ("mistral3", "fsdp2"),
     ],
 )
 def test_other_families_with_a_text_only_rank(family, strategy, tiny_family, mixed_cfg, tmp_path):

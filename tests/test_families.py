@@ -49,6 +49,9 @@ EXAMPLES = {
     "smolvlm": "smolvlm_256m_instruct_cord_v2.yaml",
     "idefics3": "idefics3_8b_llama3_cord_v2.yaml",
     "llava": "llava_1_5_7b_cord_v2.yaml",
+    "internvl": "internvl3_2b_hf_cord_v2.yaml",
+    "lfm2_vl": "lfm2_5_vl_3b_cord_v2.yaml",
+    "mistral3": "mistral_small_3_1_24b_instruct_2503_cord_v2.yaml",
 }
 # Each family's LoRA example: its full example plus a peft section (examples/vlm/*_peft.yaml).
 PEFT_EXAMPLES = sorted((ROOT / "examples/vlm").glob("*_peft.yaml"))
@@ -135,6 +138,21 @@ def test_labels_are_exactly_the_replies(family, loaded):
     assert not labelled[batch["attention_mask"] == 0].any(), "a padding token has a label"
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "paligemma"])
+def test_a_text_only_sample_may_come_before_one_with_images(family, loaded):
+    """Rendering by prefixes: some processors (InternVL's, Idefics3's) cannot make tensors of
+    their own replacement offsets when the first row has no image and a later one has."""
+    processor, model = loaded(family)
+    text_only = {"conversation": [_turn("user", "Hi there."), _turn("assistant", "Hello")]}
+    batch = default_collate_fn([text_only, _samples(family)[0][1]], processor)
+    spans = [labelled_spans(row, processor.tokenizer) for row in batch["labels"]]
+    end = end_of_turn(model)
+    assert [[s.removeprefix(" ") for s in row] for row in spans] == [
+        ["Hello" + end],
+        ["Blue" + end],
+    ]
+
+
 def test_prefix_lm_is_detected_by_capability(loaded):
     assert is_prefix_lm(loaded("paligemma")[0])
     assert not any(is_prefix_lm(loaded(f)[0]) for f in ("gemma3", "llava"))
@@ -217,7 +235,10 @@ def test_the_collate_cannot_provoke_an_image_feature_mismatch(family, loaded):
     batch that is left runs through the model."""
     processor, model = loaded(family)
     examples, reasons = _provocations(family, processor)
-    batch = default_collate_fn(examples, processor, max_length=160)
+    # Room for the good sample, whose template may add a long default system prompt (Mistral 3's).
+    good = default_collate_fn([_samples(family)[0][1]], processor)
+    max_length = max(160, int(good["attention_mask"].sum()))
+    batch = default_collate_fn(examples, processor, max_length=max_length)
     dropped = dict(batch.pop("dropped"))
     assert set(dropped) == set(reasons), dropped
     for name, fragment in reasons.items():

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from PIL import Image
+from transformers.masking_utils import create_causal_mask
 
 from automodel.datasets.collate import default_collate_fn
 from automodel.errors import UsageError
@@ -111,6 +112,36 @@ def test_a_sample_longer_than_the_sliding_window(tiny_family):
     model, batch, labels = padded_batch(tiny_family("paligemma"), [long, *SAMPLES])
     same, same_labels = Packer(model)(batch, labels)
     assert same is batch and same_labels is labels
+
+
+@torch.no_grad()
+def test_packing_refuses_a_decoder_whose_convolutions_cross_samples(tiny_family):
+    """LFM2's short convolutions read the tokens just before each position: packed, a sample's
+    first tokens would read the previous sample's last ones. The registry says so
+    and packing refuses the family in one line."""
+    model, batch, _ = padded_batch(tiny_family("lfm2_vl"), SAMPLES[:2])
+    assert family_of(model).packing_refusal(model.config)
+    with pytest.raises(
+        UsageError, match=r"^packing: lfm2_vl's decoder mixes .*packing.enabled=false$"
+    ):
+        Packer(model)
+    # Why: a text sample placed behind 5 other tokens, with positions restarting at it (which
+    # keeps attention to itself, as packing does), no longer gives its own hidden states.
+    ids = batch["input_ids"][1:, : int(batch["attention_mask"][1].sum())]
+    alone = model.model.language_model(input_ids=ids).last_hidden_state
+    embeds = model.get_input_embeddings()(torch.cat([batch["input_ids"][:1, :5], ids], 1))
+    positions = torch.cat([torch.arange(5), torch.arange(ids.shape[1])])[None]
+    own_sample_only = create_causal_mask(
+        config=model.config.get_text_config(),
+        inputs_embeds=embeds,
+        attention_mask=None,
+        cache=None,
+        position_ids=positions,
+    )
+    behind = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=own_sample_only, position_ids=positions
+    ).last_hidden_state[:, 5:]
+    assert (behind - alone).abs().max() > 1e-3  # 0 to 1e-6 for an attention-only decoder
 
 
 def test_packing_refuses_left_padding_and_bad_lengths(tiny_family):

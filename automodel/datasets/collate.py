@@ -267,8 +267,28 @@ def _render_with_markers(conversations: list[list[dict]], processor, kwargs: dic
         **kwargs,
     )
     batch = dict(batch)
-    mask = batch.pop("assistant_masks")
-    return _labels(batch, torch.as_tensor(mask), processor)
+    mask = torch.as_tensor(batch.pop("assistant_masks"))
+    return _labels(
+        batch, _without_trailing_whitespace(mask, batch["input_ids"], processor), processor
+    )
+
+
+def _without_trailing_whitespace(mask: torch.Tensor, input_ids: torch.Tensor, processor):
+    """``mask`` with the whitespace-only tokens at the end of each reply unmarked.
+
+    Some templates put the newline after the end-of-turn token inside ``{% generation %}``
+    (LFM2.5-VL's): a model stops at that token and never writes what follows, and the reply
+    spans found by prefixes end at the last non-whitespace character too.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    mask = mask.clone()
+    for row, col in (mask[:, 1:] < mask[:, :-1]).nonzero().tolist() + [
+        (r, mask.shape[1] - 1) for r in (mask[:, -1] == 1).nonzero().flatten().tolist()
+    ]:
+        while col >= 0 and mask[row, col] and not tokenizer.decode(input_ids[row, col]).strip():
+            mask[row, col] = 0
+            col -= 1
+    return mask
 
 
 class SampleRefused(ValueError):
@@ -321,6 +341,8 @@ def reply_rows(
 
 
 def _render_by_prefixes(rows: list[tuple[str, list, list]], processor) -> dict:
+    from transformers import BatchFeature
+
     texts = [text for text, _, _ in rows]
     images = [row_images for _, _, row_images in rows]
     bos = getattr(processor.tokenizer, "bos_token", None)
@@ -329,15 +351,19 @@ def _render_by_prefixes(rows: list[tuple[str, list, list]], processor) -> dict:
         images=images if any(images) else None,
         padding=True,
         padding_side="right",
-        return_tensors="pt",
+        # Python objects, made tensors below without the replacement offsets: some processors
+        # (InternVL, Idefics3) wrap their output again and then try to make a tensor of the
+        # offsets too, which fails when a later row has an image and the first has none.
+        return_tensors=None,
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
         # The template already wrote <bos> when it starts with it (as apply_chat_template does).
         add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)),
     )
     batch = dict(batch)
-    offsets = batch.pop("offset_mapping").tolist()
+    offsets = batch.pop("offset_mapping")
     replaced = batch.pop("text_replacement_offsets", None) or [[] for _ in texts]
+    batch = dict(BatchFeature(batch, tensor_type="pt"))
     mask = torch.zeros_like(batch["input_ids"])
     for row, (_, row_spans, _) in enumerate(rows):
         # Image placeholders expand into many tokens: shift each span past the expansions before it.

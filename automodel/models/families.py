@@ -249,6 +249,49 @@ FAMILIES: dict[str, Family] = {
         ),
         _idefics3_like("smolvlm"),
         _idefics3_like("idefics3"),
+        # InternVL 3: each image is cropped into tiles (plus a thumbnail), each tile becomes
+        # image_seq_length <IMG_CONTEXT> tokens, the whole image framed by <img> ... </img>.
+        _family(
+            "internvl",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "model.language_model",
+            image_token_attrs=("image_token_id", "start_image_token_id", "end_image_token_id"),
+            config_image_token="image_token_id",
+            tokens_per_image_attrs=("image_seq_length",),
+            stop_tokens=("<|im_end|>",),
+        ),
+        # LFM2-VL: a SigLIP2 NaFlex tower (patch sequences, masks and spatial shapes, so not
+        # cached); its decoder's short convolutions reach across sample boundaries (no packing).
+        # An image is framed by <|image_start|> ... <|image_end|> (tile and thumbnail markers in
+        # between).
+        _family(
+            "lfm2_vl",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "model.language_model",
+            cacheable=False,
+            image_token_attrs=("image_token_id", "image_start_token_id", "image_end_token_id"),
+            config_image_token="image_token_id",
+            stop_tokens=("<|im_end|>",),
+            packing_refusal=lambda config: (
+                "lfm2_vl's decoder mixes neighbouring tokens outside attention (short "
+                "convolutions), so packed samples would see each other"
+            ),
+        ),
+        # Mistral 3: a Pixtral tower reads all images of a batch as one sequence (at their own
+        # sizes) and its hidden states are read by layer, so it is not cached. Each row of [IMG]
+        # ends with [IMG_BREAK], the image with [IMG_END].
+        _family(
+            "mistral3",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "model.language_model",
+            cacheable=False,
+            image_token_attrs=("image_token_id", "image_break_token_id", "image_end_token_id"),
+            config_image_token="image_token_id",
+            stop_tokens=("</s>",),
+        ),
         # LLaVA 1.5 (CLIP tower, second-to-last layer) and LLaVA with a SigLIP tower.
         _family(
             "llava",
@@ -284,6 +327,11 @@ _IMAGE_TOKEN_ATTRS = (
     "vision_end_token_id",
     "fake_image_token_id",
     "global_image_token_id",
+    "start_image_token_id",
+    "end_image_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+    "image_break_token_id",
 )
 _CONFIG_IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 _TOKENS_PER_IMAGE_ATTRS = ("image_seq_length", "num_image_tokens", "image_seq_len")
@@ -369,10 +417,10 @@ def probed_family(model: nn.Module) -> Family:
     """A ``Family`` for an unregistered model, its parts found by attribute names.
 
     Parts are looked for on ``model.model`` (the transformers base model), a projector also
-    inside the tower; the vision cache takes the one tower part with an ``embeddings`` (or
-    ``vision_model``) submodule; the image token id is the config's ``image_token_id`` (or
-    ``image_token_index``); position ids come from the base model's ``get_rope_index`` when it
-    has one.
+    inside the tower; the vision cache takes the one tower part whose ``embeddings`` (or
+    ``vision_model.embeddings``) cut images with a convolution; the image token id is the
+    config's ``image_token_id`` (or ``image_token_index``); position ids come from the base
+    model's ``get_rope_index`` when it has one.
     """
     base = getattr(model, "model", model)
     prefix = "model." if base is not model else ""
@@ -394,17 +442,25 @@ def probed_family(model: nn.Module) -> Family:
         (a for a in _CONFIG_IMAGE_TOKEN_ATTRS if isinstance(getattr(config, a, None), int)), None
     )
     rope = _ROPE_INDEX if callable(getattr(base, _ROPE_INDEX, None)) else None
-    cached = [
-        path
-        for path, module in tower_parts(model, family)
-        if hasattr(module, "embeddings") or hasattr(module, "vision_model")
-    ]
+    cached = [path for path, module in tower_parts(model, family) if _embeds_whole_images(module)]
     return dataclasses.replace(
         family,
         config_image_token=image_token,
         rope_index=rope,
         rope_index_inputs=_signature(getattr(base, _ROPE_INDEX)) if rope else (),
         cached_tower=cached[0] if len(cached) == 1 else None,
+    )
+
+
+def _embeds_whole_images(tower: nn.Module) -> bool:
+    """True for a tower whose embeddings (``embeddings`` or ``vision_model.embeddings``) cut
+    ``[N, C, H, W]`` images into patches with a convolution; not for one fed patch sequences
+    (SigLIP2 NaFlex's linear patch embedding), which the vision cache cannot key by image."""
+    embeddings = getattr(tower, "embeddings", None) or getattr(
+        getattr(tower, "vision_model", None), "embeddings", None
+    )
+    return isinstance(embeddings, nn.Module) and any(
+        isinstance(m, nn.Conv2d) for m in embeddings.modules()
     )
 
 

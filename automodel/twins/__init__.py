@@ -12,7 +12,7 @@ Twins are fixtures and demo material, not part of the training runtime: only the
 - ``tokenizer.py``: byte-level BPE training, ``<unusedN>`` padding, the transformers wrapper;
 - ``common.py``: seeded initialisation, generation config, saving, size checks, shared configs;
 - one module per family (``gemma3``, ``gemma4``, ``paligemma``, ``qwen_vl``, ``qwen3_vl``, ``qwen3_5``,
-  ``idefics3``, ``llava``): its configs, special tokens and chat template. A new family registers its builder
+  ``idefics3``, ``llava``, ``internvl``, ``lfm2_vl``, ``mistral3``): its configs, special tokens and chat template. A new family registers its builder
   in ``TWIN_FAMILIES`` (and a hub template it carries in ``TWIN_TEMPLATES``);
 - ``templates/``: hub chat templates, byte for byte.
 """
@@ -31,7 +31,13 @@ from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.gemma4 import CHAT_TEMPLATE as GEMMA4_TEMPLATE
 from automodel.twins.gemma4 import build_gemma4
 from automodel.twins.idefics3 import build_idefics3, build_smolvlm
+from automodel.twins.internvl import CHAT_TEMPLATE as INTERNVL_TEMPLATE
+from automodel.twins.internvl import build_internvl
+from automodel.twins.lfm2_vl import CHAT_TEMPLATE as LFM2_VL_TEMPLATE
+from automodel.twins.lfm2_vl import build_lfm2_vl
 from automodel.twins.llava import build_llava, build_llava_siglip
+from automodel.twins.mistral3 import CHAT_TEMPLATE as MISTRAL3_TEMPLATE
+from automodel.twins.mistral3 import build_mistral3
 from automodel.twins.paligemma import build_paligemma
 from automodel.twins.qwen3_5 import CHAT_TEMPLATE as QWEN3_5_TEMPLATE
 from automodel.twins.qwen3_5 import build_qwen3_5
@@ -54,6 +60,9 @@ TWIN_FAMILIES: dict[str, Callable[..., None]] = {
     "idefics3": build_idefics3,
     "llava": build_llava,
     "llava_siglip": build_llava_siglip,
+    "internvl": build_internvl,
+    "lfm2_vl": build_lfm2_vl,
+    "mistral3": build_mistral3,
 }
 
 # family name -> the hub chat template its twin carries verbatim (every family with a chat
@@ -69,6 +78,9 @@ TWIN_TEMPLATES: dict[str, HubTemplate] = {
     "qwen3_vl": QWEN3_VL_TEMPLATE,
     "qwen3_5": QWEN3_5_TEMPLATE,
     "gemma4": GEMMA4_TEMPLATE,
+    "internvl": INTERNVL_TEMPLATE,
+    "lfm2_vl": LFM2_VL_TEMPLATE,
+    "mistral3": MISTRAL3_TEMPLATE,
 }
 
 
