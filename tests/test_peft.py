@@ -7,8 +7,10 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from automodel.errors import UsageError
+from automodel.models.families import family_of
 from automodel.peft import LoraConfig, apply_lora, merge
 from automodel.peft.lora import resolve_target_modules
+from automodel.twins import TWIN_FAMILIES
 from tests.conftest import run_cli, run_python
 
 
@@ -29,6 +31,30 @@ def test_default_targets_only_language_model_linears(model):
     # The trap the default avoids: a bare q_proj pattern also reaches the SigLIP tower.
     bare = resolve_target_modules(model, LoraConfig(target_modules=["*q_proj"]))
     assert any("vision_tower" in n for n in bare)
+
+
+def _under(name: str, paths: tuple[str, ...]) -> bool:
+    return any(name.startswith(path + ".") for path in paths)
+
+
+@pytest.mark.parametrize("family", list(TWIN_FAMILIES))
+def test_default_targets_of_every_family_stay_in_its_language_model(family, tiny_family):
+    """The default ``LoraConfig()`` adapts linear layers of the registry's decoder paths only:
+    none of the tower, the projector (Qwen2-VL's lies inside its tower) or ``lm_head``."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_family(family))
+    parts = family_of(model)
+    names = resolve_target_modules(model, LoraConfig())
+    assert names
+    assert [n for n in names if not _under(n, parts.decoder)] == [], parts.decoder
+    head = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+    outside = [n for n in names if _under(n, parts.tower + parts.projector) or n in head]
+    assert outside == []
+    # What the default avoids: a bare pattern reaches every tower attention layer named like the
+    # decoder's (SigLIP, CLIP, Idefics3; Qwen2-VL's tower fuses its projections into one qkv).
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    tower_q = [n for n in linear if _under(n, parts.tower) and n.endswith("q_proj")]
+    bare = resolve_target_modules(model, LoraConfig(target_modules=["*q_proj"]))
+    assert set(tower_q) <= set(bare) and not set(tower_q) & set(names)
 
 
 def test_patterns_regex_exclude_and_errors(model):
