@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 
 from automodel.errors import RunStopped, UsageError
-from automodel.training.checkpoint import CheckpointManager, load_model_weights, read_meta
+from automodel.training.checkpoint import (
+    CheckpointManager,
+    OptimizerState,
+    load_model_weights,
+    read_meta,
+)
 from automodel.training.guards import NonFiniteGuard
 from automodel.training.loggers import build_sinks, check_installed
 from automodel.training.metrics import MetricsLogger, ProgressBar, read_jsonl, truncate_log
@@ -88,6 +93,23 @@ def test_weights_load_strictly_with_tied_tensors(tmp_path):
 
     with pytest.raises(UsageError, match="does not match this model"):
         load_model_weights(Other(), tmp_path / "step_000001")
+
+
+def test_optimizer_state_restores_a_parameter_that_never_had_a_gradient(tmp_path):
+    """As LLaVA's last tower layer, which the model never reads: AdamW keeps no state for it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model[0](torch.ones(1, 3)).sum().backward()  # model[1] gets no gradient
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # as after every training step
+    save_train_state({"optimizer": OptimizerState(model, optimizer).state_dict()}, tmp_path)
+
+    fresh = torch.optim.AdamW(model.parameters())
+    OptimizerState(model, fresh).load_state_dict(load_train_state(tmp_path, 0)["optimizer"])
+    restored = fresh.state_dict()["state"]
+    for index, state in optimizer.state_dict()["state"].items():  # model[0]'s weight and bias
+        assert torch.equal(restored[index]["exp_avg"], state["exp_avg"])
 
 
 def test_a_failed_save_leaves_latest_alone(tmp_path, monkeypatch):

@@ -175,8 +175,16 @@ class OptimizerState:
             for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k != "params"})
             return
+        # A parameter that had no gradient before the checkpoint (LLaVA's last tower layer,
+        # which the model never reads) is listed without state, as the optimizer holds it;
+        # torch's strict check refuses that, so it stays on only when every listed one has state.
+        listed = {name for group in state["param_groups"] for name in group["params"]}
+        strict = listed <= set(state["state"])
         set_optimizer_state_dict(
-            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True)
+            self.model,
+            self.optimizer,
+            state,
+            options=StateDictOptions(full_state_dict=True, strict=strict),
         )
 
 
