@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from automodel.cli import main as cli_main
+from automodel.twins import TWIN_FAMILIES
 from tests.conftest import ROOT, run_cli, start_cli
 
 QUICKSTART = ROOT / "examples/vlm/quickstart.yaml"
@@ -362,3 +365,57 @@ def test_unwritable_or_full_checkpoint_dir(tmp_path, tiny_gemma3, receipts):
     assert "could not write checkpoint" in result.stderr and "step_000002" in result.stderr
     assert not (out / "LATEST").exists()
     assert not list(out.glob("step_*")), "a partial step folder was left behind"
+
+
+def family_args(model: Path, data: Path, out: Path) -> list[str]:
+    """4 steps of the quickstart on another twin: 6 receipts (a new epoch at step 4), batch 2,
+    a checkpoint every 2 steps, every part of the model trained (its optimizer state saved)."""
+    return [
+        "finetune",
+        "vlm",
+        "-c",
+        str(QUICKSTART),
+        "~prepare",
+        f"--model.pretrained_model_name_or_path={model}",
+        f"--dataset.path_or_dataset={data}",
+        "--dataset.limit=6",
+        f"--validation_dataset.path_or_dataset={data}",
+        "--validation_dataset.limit=2",
+        "--step_scheduler.max_steps=4",
+        "--step_scheduler.global_batch_size=2",
+        "--step_scheduler.local_batch_size=2",
+        "--step_scheduler.log_every_steps=1",
+        "--step_scheduler.ckpt_every_steps=2",
+        "--step_scheduler.val_every_steps=0",
+        "--step_scheduler.eval_every_steps=0",
+        "--freeze_config.freeze_vision_tower=false",
+        "--dataloader.num_workers=0",
+        "--preview.num_samples=0",
+        f"--checkpoint.checkpoint_dir={out}",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(TWIN_FAMILIES))
+def test_every_family_resumes_exactly(family, tiny_family, receipts, tmp_path, capsys):
+    """Rerunning the command over what a run stopped after its step-2 checkpoint leaves (the
+    reference's step-2 folder, ``LATEST`` naming it, and logs that ran past it) ends with the
+    reference's losses and ``final_model`` weights. The restore runs in a fresh process from
+    the checkpoint's files, strictly: every weight under its in-memory name (which for several
+    families is not the layout ``save_pretrained`` writes) and the optimizer state by name.
+
+    How a run gets stopped does not depend on the family (the SIGTERM and SIGKILL tests above
+    cover it on Gemma 3) and costs a third process; what the family brings is its weights,
+    their optimizer state (LLaVA's unread last tower layer has none), packing and data order.
+    """
+    reference = tmp_path / "reference"  # in this process: only the resumed run must be fresh
+    assert cli_main(family_args(tiny_family(family), receipts, reference)) == 0, capsys.readouterr()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(reference / "step_000002", resumed / "step_000002")
+    (resumed / "LATEST").write_text("step_000002\n")
+    for log in ("training.jsonl", "validation.jsonl"):  # a stopped run's logs, past step 2 too
+        shutil.copy(reference / log, resumed / log)
+    result = ok(run_cli(*family_args(tiny_family(family), receipts, resumed)))
+    assert f"resuming from {resumed / 'step_000002'} at step 2/4" in result.stdout
+    assert_same_run(reference, resumed)
