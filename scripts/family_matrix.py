@@ -4,7 +4,8 @@ For every tiny twin (``TWIN_FAMILIES``), or the families named on the command li
 the twin, collates one fixed conversation (two exchanges, one 320x240 image in the first user
 turn) and prints a Markdown row: the labelled tokens of the sample over its tokens, and its
 image tokens (placeholders and the markers around them, as the collate counts them). A
-prefix-LM (one user turn and one reply) gets the first exchange only, marked ``*``.
+prefix-LM (one user turn and one reply) gets the first exchange only, marked ``*``; a thinking
+template's conversation becomes one row per reply (docs/datasets.md), and the counts sum them.
 
 With ``--time`` it also runs each family's share of the matrix, ``pytest -q -k FAMILY`` over
 the matrix test files, and adds its seconds and outcome; ``--slow`` adds the slow ones (exact
@@ -82,7 +83,9 @@ def token_counts(family: str, folder: Path) -> tuple[str, str]:
     total = int(batch["attention_mask"].sum())
     labels = int((batch["labels"] != -100).sum())
     images = int(torch.isin(batch["input_ids"], torch.tensor(image_token_ids(processor))).sum())
-    return f"{labels}/{total}" + (" *" if prefix_lm else ""), str(images)
+    rows = batch["input_ids"].shape[0]
+    note = " *" if prefix_lm else f" ({rows} rows)" if rows > 1 else ""
+    return f"{labels}/{total}{note}", str(images)
 
 
 def selection(family: str, families: list[str]) -> str:
