@@ -222,3 +222,14 @@ def test_loss_picture_draws_both_curves(tmp_path):
     colors = {c for _, c in image.getcolors(2**20)}
     assert (31, 119, 180) in colors and (255, 127, 14) in colors  # training blue, validation orange
     assert plot_losses(tmp_path / "nothing_here") is None
+
+
+def test_a_blank_sample_that_does_not_fit_max_length_is_a_usage_error():
+    """Data parallelism feeds a rank without images a one-word blank-image sample; a max_length
+    too short for it (a template with a long system prompt) is said in one line."""
+    from automodel.errors import UsageError
+    from automodel.training.feed import BatchFeed
+
+    feed = BatchFeed(lambda samples: None, world_size=2)
+    with pytest.raises(UsageError, match="max_length"):
+        feed.blank_image_inputs(None)

@@ -129,6 +129,14 @@ class BatchFeed:
     def _blank_sample(self, model: nn.Module) -> tuple[dict, torch.Tensor]:
         """One collated blank-image sample (a reply labelled) on the model: inputs, labels."""
         if self._blank is None:
-            batch = to_model(self.collate([blank_image_sample()]), model)
+            collated = self.collate([blank_image_sample()])
+            if collated is None:
+                # The one-word sample does not fit: no real sample with an image would either.
+                raise UsageError(
+                    "a one-word sample with one small image does not fit "
+                    "dataloader.collate_fn.max_length (the chat template's own prompt may be "
+                    "long: Mistral 3's system prompt is about 370 tokens); raise max_length"
+                )
+            batch = to_model(collated, model)
             self._blank = batch, batch.pop("labels")
         return self._blank
