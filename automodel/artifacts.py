@@ -45,14 +45,14 @@ def mark_built(out_dir: str | Path, kind: str, params: dict[str, Any]) -> None:
 def code_version(module_name: str) -> str:
     """A short hash of a module's source: part of a builder's recorded arguments.
 
-    For a package (e.g. ``automodel.twins``), every ``.py`` file under it is hashed, so a change
-    to any of its modules rebuilds what the package built.
+    For a package (e.g. ``automodel.twins``), every ``.py`` and ``.jinja`` file under it is
+    hashed, so a change to any of its modules or chat templates rebuilds what the package built.
     """
     module = sys.modules[module_name]
     digest = hashlib.sha256()
     if hasattr(module, "__path__"):
         root = Path(module.__file__).parent
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".jinja")):
             digest.update(path.relative_to(root).as_posix().encode() + b"\0")
             digest.update(path.read_bytes())
     else:
