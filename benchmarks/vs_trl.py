@@ -363,6 +363,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(42)
     processor = AutoProcessor.from_pretrained(args.model)
+    processor.chat_template = same_labels_template()
     cuda = args.gpu and torch.cuda.is_available()
     dtype = torch.bfloat16 if args.gpu else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
@@ -429,6 +430,25 @@ def run_trl(args: argparse.Namespace) -> dict:
         "optimizer": optimizer_kind(trainer.optimizer),
         **counts,
     }
+
+
+def same_labels_template() -> str:
+    """TRL's training copy of Gemma 3's hub template (which ``assistant_only_loss`` swaps in),
+    with the newline after each ``<end_of_turn>`` moved out of its ``{% generation %}`` block.
+
+    TRL's copy labels that newline too, a token generation never writes (it stops at
+    ``<end_of_turn>``); automodel labels each reply and its ``<end_of_turn>``. Moved out, both
+    sides learn the same tokens (the run checks the label counts).
+    """
+    import trl
+
+    path = Path(trl.__file__).parent / "chat_templates" / "gemma3_training.jinja"
+    training = path.read_text()
+    newline_inside = "{{ '<end_of_turn>\n' }}\n        {%- endgeneration -%}"
+    newline_outside = "{{ '<end_of_turn>' }}\n        {%- endgeneration -%}\n        {{ '\n' }}"
+    if newline_inside not in training:
+        raise SystemExit(f"{path} changed: its reply block no longer ends as expected")
+    return training.replace(newline_inside, newline_outside)
 
 
 def child(args: argparse.Namespace) -> None:
