@@ -15,10 +15,10 @@ demo:
 
 test:
 	@scripts/ensure_chromium.sh
-	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q $(ARGS)
+	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q -n 2 $(ARGS)
 
 test-slow:
-	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q -m slow $(ARGS)
+	@venv=$$(scripts/env.sh) && "$$venv/bin/python" -m pytest -q -n 2 -m slow $(ARGS)
 
 lint:
 	@venv=$$(scripts/env.sh) && "$$venv/bin/ruff" check automodel tests && "$$venv/bin/ruff" format --check automodel tests && "$$venv/bin/lint-imports"
