@@ -418,6 +418,9 @@ def test_example_yaml_trains_the_tiny_twin(family, tiny_family, receipts, tmp_pa
     assert code == 0, out.err[-3000:]
     assert re.search(r"parameters: [\d,]+ trainable / [\d,]+ total", out.out)
     assert "step 2/2 | loss" in out.out
+    # A family whose hub template needs a fix-up says so in one line when the run starts.
+    fixed = "chat template: llava: its hub chat template ends replies without </s>"
+    assert (fixed in out.out) == (family == "llava")
     records = [json.loads(x) for x in (tmp_path / "ckpt/training.jsonl").read_text().splitlines()]
     assert all(r["loss"] > 0 for r in records) and "vision_loss" not in records[0]
     assert (tmp_path / "ckpt/final_model/config.json").is_file()
