@@ -316,19 +316,29 @@ def show_samples(
             batch = collate_fn([example])
         except Exception as exc:  # noqa: BLE001 - on_overlength: error, a broken sample
             batch, entry["dropped"] = None, str(exc)
-        if batch is not None and batch.get("dropped"):
-            entry["dropped"] = batch["dropped"][0][1]
-        elif batch is not None:
-            # One row per reply where the template renders history differently from generation.
-            rows = batch["input_ids"].shape[0]
-            for row in range(rows):
-                where = entry["where"] + (f", row {row + 1} of {rows}" if rows > 1 else "")
-                shown.append({"where": where, **vars(render_sample(batch, row, processor))})
-            continue
-        elif "dropped" not in entry:
-            entry["dropped"] = _drop_reason(example, collate_fn, processor)
-        shown.append(entry)
+        shown += _entries(entry, batch, example, collate_fn, processor)
     return shown
+
+
+def _entries(
+    entry: dict[str, Any], batch: dict | None, example: dict, collate_fn: Any, processor: Any
+) -> list[dict[str, Any]]:
+    """A sample's shown entries: one per row of its batch (a template that renders history
+    differently from generation gives one row per reply), or one saying why it was dropped."""
+    if batch is not None and not batch.get("dropped"):
+        rows = batch["input_ids"].shape[0]
+        return [
+            {
+                "where": entry["where"] + (f", row {row + 1} of {rows}" if rows > 1 else ""),
+                **vars(render_sample(batch, row, processor)),
+            }
+            for row in range(rows)
+        ]
+    if batch is not None:
+        entry["dropped"] = batch["dropped"][0][1]
+    elif "dropped" not in entry:
+        entry["dropped"] = _drop_reason(example, collate_fn, processor)
+    return [entry]
 
 
 def _drop_reason(example: dict, collate_fn: Any, processor: Any) -> str:
