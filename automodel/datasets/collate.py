@@ -76,11 +76,6 @@ def image_token_ids(processor) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ capabilities
-def _chat_template(processor) -> str | None:
-    """The processor's chat template, with the family's template fix-up applied."""
-    return families.chat_template(processor)
-
-
 def template_kwargs(
     processor, conversations: list[list[dict]], chat_template_kwargs: dict | None = None
 ) -> dict[str, Any]:
@@ -88,7 +83,7 @@ def template_kwargs(
     over ``enable_thinking=False``, thinking turned on when a sample carries reasoning on an
     assistant turn, and ``chat_template=`` when the family's template needs a fix-up."""
     kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
-    template = _chat_template(processor) or ""
+    template = families.chat_template(processor) or ""
     # Only a template that reads the switch gets it (transformers passes any other keyword to
     # the processor, with a warning).
     if re.search(r"\benable_thinking\b", template):
@@ -102,13 +97,13 @@ def template_kwargs(
 
 def has_generation_markers(processor) -> bool:
     """True when the processor's chat template marks replies with ``{% generation %}``."""
-    template = _chat_template(processor)
+    template = families.chat_template(processor)
     return bool(template and _GENERATION_TAG.search(template))
 
 
 def is_prefix_lm(processor) -> bool:
     """True for prefix-LM processors (PaliGemma): no chat template, a ``suffix=`` argument."""
-    if _chat_template(processor) is not None:
+    if families.chat_template(processor) is not None:
         return False
     return "suffix" in inspect.signature(type(processor).__call__).parameters
 
@@ -430,7 +425,7 @@ def render_batch(
     if is_prefix_lm(processor):
         batch = _render_prefix_lm(conversations, processor)
         return _with_rows(batch, conversations, range(len(conversations)))
-    if _chat_template(processor) is None:
+    if families.chat_template(processor) is None:
         raise UsageError(
             f"the processor {type(processor).__name__} has no chat template; set one "
             "(processor.chat_template) or use a model folder that has chat_template.jinja"
