@@ -250,7 +250,7 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     return {
         "seconds": seconds,
         "loss": last_logged_loss(Path(out)),
-        "tower_calls": None if cache is None else cache.misses,
+        "tower_calls": None if cache is None else cache.computed,
         "data_wait_pct": 100 * waited / seconds,
         "pipeline_samples_per_s": pipeline_rate(recipe.train_loader),
         "recompute": recomputes(recipe.model),

@@ -11,7 +11,7 @@ import torch
 from automodel.config.compat import translate_seed_layout
 from automodel.config.instantiate import instantiate, resolve_target
 from automodel.config.loader import apply_overrides, interpolate_env, load_yaml, parse_overrides
-from automodel.config.sections import DataCheckConfig, PrecisionConfig
+from automodel.config.sections import DataCheckConfig, PrecisionConfig, VisionCacheConfig
 from automodel.errors import UsageError
 from automodel.recipes.vlm.config import SCHEMA, FinetuneConfig, resolve_config
 from automodel.recipes.vlm.reference import COMMAND, reference
@@ -166,6 +166,7 @@ BAD_VALUES = [
     ),
     ("dist_env.timeout_minutes", 0, "dist_env.timeout_minutes: 0 must be at least 1"),
     ("vision_cache.max_images", -1, "vision_cache.max_images: -1 must be at least 0"),
+    ("vision_cache.storage", "ssd", "vision_cache.storage: 'ssd' is not one of memory, disk"),
     (
         "compile.mode",
         "fast",
@@ -226,6 +227,23 @@ def test_sections_check_their_values_when_built_directly():
     with pytest.raises(UsageError, match=r"unknown key data_check.on_bad \(did you mean"):
         DataCheckConfig.from_dict({"on_bad": "skip"})
     assert DataCheckConfig.from_dict({"on_bad_sample": "skip"}).max_bad_fraction == 0.1
+
+
+def test_a_disk_vision_cache_needs_a_folder_it_can_write(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (None, "vision_cache.storage=disk needs vision_cache.path, the folder it writes to"),
+        ("", "vision_cache.storage=disk needs vision_cache.path"),
+        (str(a_file), f"vision_cache.path: {a_file} is a file, not a folder"),
+        (str(a_file / "below"), f"cannot be written ({a_file} is not writable)"),
+    ]
+    for path, message in cases:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            VisionCacheConfig(enabled=True, storage="disk", path=path)
+    VisionCacheConfig(enabled=True, storage="disk", path=str(tmp_path / "new" / "folder"))
+    assert not (tmp_path / "new").exists()  # checked, not created
+    VisionCacheConfig(enabled=False, storage="disk", path="")  # off: not checked
 
 
 def test_defaults_come_from_the_dataclasses_and_are_saved_in_the_resolved_config():

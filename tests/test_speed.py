@@ -212,29 +212,154 @@ def test_group_by_length_must_be_a_boolean(tmp_path, tiny_gemma3, receipts):
 
 
 # --------------------------------------------------------------------------- vision cache
-def test_vision_cache_is_exact_and_runs_the_tower_once_per_image(tmp_path, tiny_gemma3, receipts):
+# Two epochs of the 8 conversations at a constant learning rate, so a run stopped after the
+# first epoch and resumed follows the same schedule as one run of 4 steps.
+CACHE_RUN = {"step_scheduler": {"max_steps": 4}, "lr_scheduler": {"lr_decay_style": "constant"}}
+
+
+def trained_weights(recipe) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(recipe, losses: list[float], reference: tuple) -> None:
+    """The logged losses and the trained weights are bit for bit the reference run's."""
+    ref_losses, ref_weights = reference
+    assert losses == ref_losses  # the logged floats, exactly
+    weights = trained_weights(recipe)
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[n], ref_weights[n]) for n in weights)
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory, tiny_gemma3, receipts) -> tuple:
+    """The losses and trained weights of CACHE_RUN without a vision cache."""
+    recipe, losses = train(
+        config(tiny_gemma3, receipts, tmp_path_factory.mktemp("uncached"), **CACHE_RUN)
+    )
+    return losses, trained_weights(recipe)
+
+
+def count_tower_images(recipe) -> list[int]:
+    """A list that gets the number of images of each tower forward that really runs."""
+    embedded: list[int] = []
+    inner = recipe.vision_cache.tower.embeddings
+    inner.register_forward_hook(lambda m, args, kw_out: embedded.append(len(args[0])))
+    return embedded
+
+
+def test_vision_cache_is_exact_and_runs_the_tower_once_per_image(
+    tmp_path, tiny_gemma3, receipts, uncached
+):
     from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 
-    steps = {"max_steps": 4}  # two epochs of 8 samples
-    _, plain = train(config(tiny_gemma3, receipts, tmp_path / "plain", step_scheduler=steps))
-    cfg = config(
-        tiny_gemma3,
-        receipts,
-        tmp_path / "cached",
-        step_scheduler=steps,
-        vision_cache={"enabled": True},
-    )
+    cfg = config(tiny_gemma3, receipts, tmp_path, vision_cache={"enabled": True}, **CACHE_RUN)
     recipe = FinetuneRecipeForVLM(cfg)
     recipe.setup()
-    images_embedded = []
-    inner = recipe.vision_cache.tower.embeddings
-    inner.register_forward_hook(lambda m, args, kw_out: images_embedded.append(len(args[0])))
+    embedded = count_tower_images(recipe)
     recipe.train()
-    lines = (tmp_path / "cached" / "training.jsonl").read_text().splitlines()
-    cached = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-    assert cached == pytest.approx(plain, rel=1e-6)
-    assert sum(images_embedded) == 8
+    lines = (tmp_path / "training.jsonl").read_text().splitlines()
+    assert_same_training(recipe, [json.loads(line)["loss"] for line in lines], uncached)
+    assert sum(embedded) == 8
     assert recipe.vision_cache.hits == 8
+
+
+def test_vision_cache_on_disk_is_exact_and_read_back_after_a_resume(
+    tmp_path, tiny_gemma3, receipts, uncached, capsys
+):
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    store = tmp_path / "features"
+    cache = {"enabled": True, "storage": "disk", "path": str(store)}
+    checkpoint = {"enabled": True, "checkpoint_dir": str(tmp_path / "run")}
+    cfg = config(tiny_gemma3, receipts, tmp_path, vision_cache=cache, **CACHE_RUN)
+    cfg["checkpoint"], cfg["step_scheduler"]["ckpt_every_steps"] = checkpoint, 2
+    first = FinetuneRecipeForVLM(
+        {**cfg, "step_scheduler": {**cfg["step_scheduler"], "max_steps": 2}}
+    )
+    first.setup()
+    first.train()  # the first epoch: every image computed and written
+    assert first.vision_cache.counts()[:3] == [0, 8, 8]
+    assert len(list(store.glob("*/*/*.safetensors"))) == 8
+    capsys.readouterr()
+
+    resumed = FinetuneRecipeForVLM(cfg)
+    resumed.setup()
+    embedded = count_tower_images(resumed)
+    resumed.train()  # resumes at step 2: the second epoch reads every image from disk
+    assert "resuming from" in capsys.readouterr().out
+    assert sum(embedded) == 0 and resumed.vision_cache.counts()[:3] == [8, 0, 0]
+    records = [json.loads(line) for line in (tmp_path / "run/training.jsonl").open()]
+    assert_same_training(resumed, [r["loss"] for r in records], uncached)
+    assert records[-1]["vision_cache_hits"] == 8 and records[-1]["vision_cache_computed"] == 0
+
+
+def test_cache_features_fills_the_disk_cache_a_run_then_reads(
+    tmp_path, tiny_gemma3, receipts, uncached, capsys
+):
+    import yaml
+
+    from automodel.cli import main
+    from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+
+    store = tmp_path / "features"
+    cache = {"enabled": True, "storage": "disk", "path": str(store)}
+    cfg = config(tiny_gemma3, receipts, tmp_path / "run", vision_cache=cache, **CACHE_RUN)
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "cache-features", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: 8 images, 8 computed, 0 already cached" in out
+    assert "vision cache: 0 hits, 8 computed, 8 stored (" in out and str(store) in out
+
+    recipe = FinetuneRecipeForVLM(cfg)
+    recipe.setup()
+    embedded = count_tower_images(recipe)
+    recipe.train()
+    assert sum(embedded) == 0  # the tower never ran: every image of both epochs came from disk
+    assert "vision cache: 16 hits, 0 computed, 0 stored" in capsys.readouterr().out
+    lines = (tmp_path / "run" / "training.jsonl").read_text().splitlines()
+    assert_same_training(recipe, [json.loads(line)["loss"] for line in lines], uncached)
+
+    assert main(["data", "cache-features", "-c", str(path), "--vision_cache.storage=memory"]) == 2
+    assert "set vision_cache.enabled=true and vision_cache.storage=disk" in capsys.readouterr().err
+
+
+def test_vision_cache_keys_change_with_the_tower_and_its_precision(tmp_path, tiny_gemma3):
+    from automodel.models import AutoModelForImageTextToText
+    from automodel.models.vision_cache import DiskStore, VisionCache
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_gemma3)).eval()
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    size = tower.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = tower(pixel_values=pixels).last_hidden_state
+
+    def run(**autocast) -> tuple[torch.Tensor, list[int], Path]:
+        """The tower's output through a fresh cache; its hits and computed; its folder."""
+        cache = VisionCache(tower, DiskStore(tmp_path))
+        with torch.autocast("cpu", enabled=bool(autocast), **autocast):
+            out = tower(pixel_values=pixels).last_hidden_state
+        cache.close()
+        return out, cache.counts()[:2], cache.store.folder
+
+    out, counts, _ = run()
+    assert counts == [0, 2] and torch.equal(out, expected)
+    out, counts, _ = run()
+    assert counts == [2, 0] and torch.equal(out, expected)  # read back from disk
+    assert run(dtype=torch.bfloat16)[1] == [0, 2]  # another autocast dtype: other values
+    with torch.no_grad():
+        tower.post_layernorm.bias.add_(1e-3)
+    out, counts, folder = run()
+    assert counts == [0, 2] and not torch.equal(out, expected)  # new weights: no stale reuse
+    assert len(list(tmp_path.glob("*/tower.json"))) == 2  # one folder per tower
+
+    entry = next(folder.glob("*/*.safetensors"))
+    entry.write_bytes(b"torn")  # unreadable: computed again and rewritten
+    (entry.parent / f"{entry.name}.123.abcd.tmp").write_bytes(b"left by a killed writer")
+    assert run()[1] == [1, 1] and run()[1] == [2, 0]
+    tower.config._attn_implementation = "eager"  # sdpa and eager differ in the last bits
+    assert run()[1] == [0, 2]
 
 
 def test_vision_cache_refuses_a_training_tower(tmp_path, tiny_gemma3, receipts):

@@ -1,4 +1,5 @@
-"""``automodel data make-receipts OUT_DIR`` and ``automodel data check -c CONFIG.yaml``."""
+"""``automodel data make-receipts OUT_DIR``, ``automodel data check -c CONFIG.yaml`` and
+``automodel data cache-features -c CONFIG.yaml``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from automodel.errors import UsageError
 def add_parsers(sub, parents) -> None:
     data = sub.add_parser(
         "data",
-        help="data utilities (make-receipts, check)",
+        help="data utilities (make-receipts, check, cache-features)",
         description="Data utilities.",
         epilog="example:\n  automodel data check -c examples/data/conversation/finetune.yaml",
     )
@@ -59,6 +60,22 @@ def add_parsers(sub, parents) -> None:
         "text with labelled tokens between \u27e6 and \u27e7, image-token runs collapsed, and "
         "their image / prompt / label token counts (default 0)",
     )
+    command(
+        actions,
+        "cache-features",
+        run_cache_features,
+        [parents.config, parents.overrides],
+        overrides=True,
+        help="compute a config's frozen vision-tower features into its disk cache",
+        description="Run every image of the config's dataset and validation_dataset through "
+        "the frozen vision tower\nonce, as the fine-tuning run would (same model, precision and "
+        "device), and store the outputs\nin vision_cache.path for the run to read. The config "
+        "needs vision_cache.enabled=true and\nvision_cache.storage=disk. Images already cached "
+        "are not computed again.",
+        epilog="example (the config has vision_cache: {enabled: true, storage: disk}):\n"
+        "  automodel data cache-features -c finetune.yaml\n"
+        "  automodel finetune vlm -c finetune.yaml",
+    )
 
 
 def run_make_receipts(ns, overrides: list[str]) -> int:
@@ -82,3 +99,13 @@ def run_check(ns, overrides: list[str]) -> int:
     return check_config(
         resolved, max_samples=int(ns.max_samples), json_path=ns.json, show=int(ns.show)
     )
+
+
+def run_cache_features(ns, overrides: list[str]) -> int:
+    config = config_path(ns)
+    from automodel.recipes.vlm.cache_features import cache_features
+    from automodel.recipes.vlm.config import resolve_config
+
+    resolved, _ = resolve_config(load(config, overrides))
+    quiet_libraries()
+    return cache_features(resolved)

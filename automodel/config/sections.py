@@ -8,7 +8,9 @@ below; the components read them from here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from automodel.config.typed import Section, doc, fix_hint
@@ -29,6 +31,7 @@ DTypeName = Literal[
     "torch.float16",
     "torch.float32",
 ]
+VisionCacheStorage = Literal["memory", "disk"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 # The top-level `recipe` key: NeMo AutoModel's configs open with `recipe: FinetuneRecipeForVLM`,
@@ -287,16 +290,62 @@ class DistEnvConfig(Section):
 
 @dataclass(frozen=True)
 class VisionCacheConfig(Section):
-    """Keep the frozen vision tower's output per image (keyed by its pixels' bytes) and skip the
-    tower for images seen in an earlier epoch. Refused when the tower trains."""
+    """Keep the frozen vision tower's output per image and skip the tower for images seen
+    before: in memory for the run's later epochs, or on disk for later epochs, runs and resumes
+    (`automodel data cache-features` fills it ahead of a run). An entry is keyed by the image's
+    pixels, the tower's weights and attention implementation, and the device and autocast dtype
+    it ran in, so a run reuses only outputs its own tower would compute. Refused when the tower
+    trains."""
 
     section: ClassVar[str] = "vision_cache"
 
     enabled: bool = field(default=False, metadata=doc("turn the cache on"))
+    storage: VisionCacheStorage = field(
+        default="memory",
+        metadata=doc(
+            "`memory`: for this run's later epochs; `disk`: one file per image under `path`, "
+            "read back by later epochs, runs and resumes"
+        ),
+    )
+    path: str | None = field(
+        default="~/.cache/automodel/vision_features",
+        metadata=doc(
+            "`storage: disk`'s folder, shared by runs (a subfolder per tower; a relative path "
+            "starts where the command runs)"
+        ),
+    )
     max_images: int | None = field(
         default=None, metadata=doc("stop adding entries after this many (null: no limit)", ge=0)
     )
-    device: str | None = field(default="cpu", metadata=doc("where cached outputs live"))
+    device: str | None = field(
+        default="cpu", metadata=doc("`storage: memory`: where cached outputs live")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.enabled and self.storage == "disk":
+            check_cache_folder(self.path)
+
+
+def check_cache_folder(path: str | None) -> None:
+    """Refuses a ``vision_cache.path`` that cannot be created or written, without creating it.
+
+    Raises:
+        UsageError: ``path`` is empty, is a file, or its nearest existing folder is not
+            writable (one line).
+    """
+    key = "vision_cache.path"
+    fix = fix_hint(key)
+    if not path or not path.strip():
+        raise UsageError(f"vision_cache.storage=disk needs {key}, the folder it writes to{fix}")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{key}: {path} is a file, not a folder{fix}")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{key}: {path} cannot be written ({existing} is not writable){fix}")
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,8 @@ def fp32_attention_on_cpu(model: torch.nn.Module, enabled: bool = True) -> None:
         AttentionInterface.register("sdpa", _sdpa)
     for module in model.modules():
         setattr(module, _MARK, enabled)
+
+
+def runs_fp32_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is marked to run its CPU ``sdpa`` attention in fp32 under autocast."""
+    return bool(getattr(model, _MARK, False))

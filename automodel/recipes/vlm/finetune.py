@@ -222,6 +222,8 @@ class FinetuneRecipeForVLM:
             )
         if self.guard.skipped_steps:
             print0(f"{self.guard.skipped_steps} steps were skipped (non-finite loss or grad norm)")
+        if self.vision_cache is not None:
+            print0(self.vision_cache.report(self.vision_cache_counts()))
         return self.save_final()
 
     def train_steps(self, sigterm: StopOnSigterm) -> None:
@@ -317,11 +319,26 @@ class FinetuneRecipeForVLM:
                 "epoch": self.feed.epoch,
                 # language_loss and vision_loss of every rank, when vision_loss is weighted
                 **self.vision_loss.metrics(all_reduce_sum, self.device),
+                **self.vision_cache_metrics(),
             },
         )
         if hint:
             self.logger.write(hint)
         self.window.start_clock()
+
+    def vision_cache_counts(self) -> list[int]:
+        """The vision cache's hits, computed, stored and stored bytes since this process
+        started, summed over ranks (every rank must call this)."""
+        counts = torch.tensor(self.vision_cache.counts(), device=self.device, dtype=torch.int64)
+        return all_reduce_sum(counts).tolist()
+
+    def vision_cache_metrics(self) -> dict:
+        """``vision_cache_hits`` and ``vision_cache_computed`` for the log (none without a
+        cache)."""
+        if self.vision_cache is None:
+            return {}
+        hits, computed, _, _ = self.vision_cache_counts()
+        return {"vision_cache_hits": hits, "vision_cache_computed": computed}
 
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
