@@ -27,7 +27,7 @@ from automodel.distributed.env import (
     init_distributed,
     loss_divisor,
 )
-from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded
+from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded, reshard
 from automodel.errors import RunStopped, UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.models.compile import compile_model
@@ -347,6 +347,7 @@ class FinetuneRecipeForVLM:
             batch = to_model(batch, self.model)
             tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             total += self.forward_loss(batch, 1).double()
+        reshard(self.train_module)
         total, tokens = all_reduce_sum(total), int(all_reduce_sum(tokens))
         return {"val_loss": float(total) / max(1, tokens), "val_tokens": tokens}
 
