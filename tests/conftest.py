@@ -59,10 +59,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-def start_cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+def start_cli(
+    *args: str, log: Path, env: dict | None = None, new_group: bool = False
+) -> subprocess.Popen:
     """Starts ``python -m automodel ARGS`` without waiting (to signal or kill it mid-run).
 
     Its stdout and stderr go to the file ``log`` (a pipe nobody reads could fill and block it).
+    With ``new_group`` it leads a process group of its own, which ``os.killpg(proc.pid, sig)``
+    signals whole (its loader workers and ranks too), as a scheduler or Ctrl-C does.
     """
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -72,6 +76,7 @@ def start_cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Pope
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=new_group,
         )
 
 

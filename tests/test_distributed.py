@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from automodel.twins import TWIN_FAMILIES
 from tests.conftest import ROOT, run_cli, start_cli
+from tests.test_resume import records
 
 STEPS = 10
 TOL = 1e-4
@@ -142,6 +143,29 @@ def test_fsdp2_matches_one_process_and_resumes_on_two(single, tiny_gemma3, recei
     refused = run_cli("finetune", "vlm", "-c", cfg2, cwd=tmp_path)
     assert refused.returncode == 2
     assert "written by 2 processes" in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
+def test_fsdp2_with_adamw_checkpoints_right_after_validation(tiny_gemma3, receipts_cfg, tmp_path):
+    """A forward without backward (validation) leaves FSDP2's root and tower gathered; the
+    checkpoint of the same step must still find AdamW's state under the model's parameters."""
+    cfg = _config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        tmp_path / "run",
+        distributed__strategy="fsdp2",
+        step_scheduler__max_steps=2,
+        step_scheduler__val_every_steps=1,
+        step_scheduler__ckpt_every_steps=1,
+        optimizer___target_="torch.optim.AdamW",
+        optimizer__lr=1e-4,
+        validation_dataset__split="validation",
+        **{f"validation_dataset__{k}": v for k, v in receipts_cfg.items() if k != "split"},
+    )
+    _train(cfg, 2, tmp_path)
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step_000002"
+    assert len(records(tmp_path / "run" / "validation.jsonl")) == 3
 
 
 def test_ddp_matches_one_process(single, tiny_gemma3, receipts_cfg, tmp_path):

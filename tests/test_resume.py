@@ -114,11 +114,12 @@ def logged_steps(path: Path) -> int:
 
 
 def interrupt(args: list[str], out: Path, send: int, env: dict | None = None) -> tuple[int, str]:
-    """Starts a run and sends it ``send`` once a checkpoint exists and a random later step is
-    logged. Returns the exit code and the run's output."""
+    """Starts a run and sends ``send`` to its whole process group (its loader workers too, as
+    Slurm, ``timeout`` or Ctrl-C do) once a checkpoint exists and a random later step is logged.
+    Returns the exit code and the run's output."""
     after = random.randint(4, MAX_STEPS - 3)
     log = out.with_name(out.name + ".log")
-    proc = start_cli(*args, log=log, env=env)
+    proc = start_cli(*args, log=log, env=env, new_group=True)
     deadline = time.monotonic() + 300
     try:
         while (
@@ -128,11 +129,11 @@ def interrupt(args: list[str], out: Path, send: int, env: dict | None = None) ->
         ):
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before step {after}:\n{log.read_text()[-3000:]}"
-        proc.send_signal(send)
+        os.killpg(proc.pid, send)
         code = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return code, log.read_text()
 
@@ -280,16 +281,39 @@ def test_restore_from_another_runs_checkpoint(reference, tmp_path, tiny_gemma3, 
 def test_sigterm_saves_then_rerun_gives_the_same_weights(
     reference, tmp_path, tiny_gemma3, receipts, trackers
 ):
+    """SIGTERM to the process group with a loader worker running: the worker leaves it to the
+    main process, which finishes the step, checkpoints and exits 143."""
     resumed = tmp_path / "resumed"
-    args = finetune_args(tiny_gemma3, receipts, resumed, *RUN)
+    args = finetune_args(tiny_gemma3, receipts, resumed, *RUN, "--dataloader.num_workers=1")
     code, output = interrupt(args, resumed, signal.SIGTERM, trackers[1])
     assert code == 143, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
     stopped = int(output.split("stopped: SIGTERM received at step ")[1].split(";")[0])
     assert (resumed / "LATEST").read_text().strip() == f"step_{stopped:06d}"
     assert "rerun the same command to resume" in output
 
     result = ok(run_cli(*args, env=trackers[1]))
     assert f"at step {stopped}/{MAX_STEPS}" in result.stdout
+    assert_same_run(reference, resumed)
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(
+    reference, tmp_path, tiny_gemma3, receipts, trackers
+):
+    """A node died while step 10 was copied elsewhere, or the disk filled: its weights file is
+    truncated. The rerun names it, resumes from step 9 and ends with the reference's weights."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("step_000009", "step_000010"):
+        shutil.copytree(reference / name, resumed / name)
+    for name in ("LATEST", "training.jsonl", "validation.jsonl"):
+        shutil.copy(reference / name, resumed / name)
+    weights = resumed / "step_000010" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = ok(run_cli(*finetune_args(tiny_gemma3, receipts, resumed, *RUN), env=trackers[1]))
+    assert f"checkpoint {resumed / 'step_000010'} is damaged (model.safetensors is" in result.stdout
+    assert f"resuming from {resumed / 'step_000009'} at step 9/{MAX_STEPS}" in result.stdout
+    assert (resumed / "step_000010.damaged").is_dir()
     assert_same_run(reference, resumed)
 
 

@@ -68,7 +68,13 @@ def test_checkpoints_pointers_and_pruning(tmp_path):
         "step_000004",
         "step_000005",
     ]
-    assert read_meta(tmp_path / "step_000003") == {"step": 3, "val_loss": 1.0, "world_size": 1}
+    meta = read_meta(tmp_path / "step_000003")
+    assert {k: meta[k] for k in ("step", "val_loss", "world_size")} == {
+        "step": 3,
+        "val_loss": 1.0,
+        "world_size": 1,
+    }
+    assert set(meta["files"]) == {"model.safetensors", "train_state.pt", "config.yaml"}
     assert manager.find_resume() == tmp_path / "step_000005"
     # LATEST lost (a crash right after the rename): the newest complete folder still resumes.
     (tmp_path / "LATEST").unlink()

@@ -4,7 +4,8 @@
     automodel CFG.yaml [overrides ...]                 (short form: the recipe CFG.yaml names,
     automodel -c CFG.yaml [overrides ...]               in its top-level `recipe:` key)
     automodel validate | data check | evaluate -c CFG.yaml [options] [overrides ...]
-    automodel models make-tiny | data make-receipts | generate | report | export merge-lora ...
+    automodel models make-tiny | data make-receipts | generate | report | export merge-lora
+    automodel checkpoints verify DIR ...
 
 Bad input (a missing file, an unknown key or option, a wrong type) prints one line and exits
 with code 2.
@@ -15,12 +16,12 @@ from __future__ import annotations
 import os
 import sys
 
-from automodel.cli import data, evaluate, export, finetune, generate, models
+from automodel.cli import checkpoints, data, evaluate, export, finetune, generate, models
 from automodel.cli.common import Parents, Parser, leaf_parser, reject_unknown
 from automodel.errors import RunStopped, UsageError
 
 USAGE_ERROR = 2
-GROUPS = (finetune, models, data, generate, evaluate, export)
+GROUPS = (finetune, models, data, generate, evaluate, export, checkpoints)
 
 
 def build_parser() -> Parser:

@@ -72,6 +72,16 @@ def all_ranks_error(error: str | None) -> str | None:
     return next((e for e in errors if e is not None), None)
 
 
+def from_rank0(compute):
+    """``compute()`` run on rank 0 alone, its result on every rank (every rank must call this;
+    ``compute`` must return, not raise, or the other ranks wait forever)."""
+    if not is_distributed():
+        return compute()
+    value = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def _flag_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -1,11 +1,13 @@
-"""``--nproc-per-node N``: re-running the same command under torchrun."""
+"""``--nproc-per-node N``: re-running the same command as N ranks under torch's elastic agent."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
+
+# How long the ranks get to finish their step and checkpoint after SIGTERM or SIGINT before the
+# agent kills them (torch's own default is 30 s, short for a multi-gigabyte checkpoint).
+SHUTDOWN_TIMEOUT_S = 300
 
 
 def launched_by_torchrun() -> bool:
@@ -13,44 +15,48 @@ def launched_by_torchrun() -> bool:
 
 
 def relaunch(nproc: int, args: list[str]) -> int:
-    """Runs ``python -m automodel ARGS`` as ``nproc`` local processes through torchrun.
+    """Runs ``python -m automodel ARGS`` as ``nproc`` local processes, as torchrun would.
 
-    SIGTERM and SIGINT sent to this process go on to torchrun, which passes them to every rank:
-    the ranks checkpoint and stop at the same step.
+    This process is the agent (torchrun's, run in-process): each rank leads a process group of
+    its own, so a signal sent to this command's group (Ctrl-C, ``timeout``, a scheduler) reaches
+    the agent, which passes it to every rank and its loader workers; the ranks checkpoint and
+    stop at the same step. The agent's own stop is reported as an exit code, not a traceback.
 
     Args:
         nproc: processes on this node.
         args: the command line without ``--nproc-per-node``.
 
     Returns:
-        torchrun's exit code, or 143 after a SIGTERM (as a single process exits).
+        0; 128 + the signal after SIGTERM or SIGINT (as a single process exits); else the first
+        failed rank's exit code (its error was printed by the rank).
     """
-    env = dict(os.environ)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     # One BLAS thread per process unless the user chose: N processes already share the cores.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "automodel",
-        *args,
-    ]
-    child = subprocess.Popen(cmd, env=env)
-    received = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    torchrun_args = parse_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            f"--shutdown-timeout={timeout}",
+            "--signals-to-handle=SIGTERM,SIGINT",
+            "-m",
+            "automodel",
+            *args,
+        ]
+    )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        run(torchrun_args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
     finally:
-        for s, handler in previous.items():
+        for s, handler in handlers.items():
             signal.signal(s, handler)
-    if signal.SIGTERM in received and code != 0:
-        return 128 + signal.SIGTERM
-    return code
+    return 0

@@ -223,6 +223,19 @@ def gradient_sync(module: nn.Module, enabled: bool):
         yield
 
 
+def reshard(module: nn.Module) -> None:
+    """Returns every FSDP2 unit of ``module`` to its shards after a forward with no backward
+    (validation, generation): the root and the tower keep their gathered parameters after a
+    forward, for the backward they expect, and until they reshard the model holds those rather
+    than the sharded parameters the optimizer steps (its state would not map to the model's
+    names, and a checkpoint could not be taken)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def gathered(module: nn.Module):
     """Parameters of an FSDP2 root kept whole while the inner model is called directly (e.g.
@@ -237,4 +250,4 @@ def gathered(module: nn.Module):
     try:
         yield
     finally:
-        module.reshard()
+        reshard(module)

@@ -5,17 +5,24 @@ A step checkpoint is a folder ``checkpoint_dir/step_000200/`` holding
 - ``model.safetensors``: every weight under its in-memory name (``model.state_dict()`` keys),
   so it loads back strictly into the same model object; ``save_pretrained`` would write the
   published layout, which ``load_state_dict`` does not match for Gemma 3 and others;
-- ``train_state.pt``: optimizer, lr scheduler, every RNG, the data loader's position, counters;
-- ``config.yaml``: the resolved config; ``meta.json``: the step and its validation loss.
+- ``train_state.pt``: optimizer, lr scheduler, every RNG, the data loader's position, counters
+  (``train_state.rank<N>.pt``: another rank's own part);
+- ``config.yaml``: the resolved config;
+- ``meta.json``, written last, the folder's completion mark: the step, its validation loss, and
+  the size and SHA-256 of every other file in it.
 
 It is written as ``step_000200.tmp/`` and renamed when complete; ``LATEST`` (a one-line file
 naming the folder) is replaced atomically after that, so a crash at any moment leaves either the
 previous checkpoint or the new one, never half of one. ``LOWEST_VAL`` names the checkpoint with the
 lowest validation loss among those written at a validation step.
+
+A folder damaged afterwards (a node dying mid-copy, a full disk, a file deleted) is found by
+``verify_step`` before a resume: the run names it and continues from the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from automodel.common import print0
 from automodel.config.loader import dump_yaml, load_yaml
-from automodel.distributed.env import all_ranks_error, rank_and_world_size
+from automodel.distributed.env import all_ranks_error, from_rank0, rank_and_world_size
 from automodel.errors import RunStopped, UsageError
 from automodel.training.state import TRAIN_STATE_FILE, save_train_state
 
@@ -44,6 +51,7 @@ MODEL_FILE = "model.safetensors"
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE, META_FILE)
 
 
 def check_writable(directory: str | Path) -> Path:
@@ -189,7 +197,7 @@ class OptimizerState:
 
 
 def read_meta(step_dir: str | Path) -> dict:
-    """A step checkpoint's ``meta.json``: ``{"step", "val_loss", "world_size"}``."""
+    """A step checkpoint's ``meta.json``: ``{"step", "val_loss", "world_size", "files"}``."""
     return json.loads((Path(step_dir) / META_FILE).read_text())
 
 
@@ -231,10 +239,113 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def is_complete(step_dir: Path) -> bool:
-    """True for a renamed step folder holding every file a resume reads."""
+    """True for a renamed step folder holding every file a resume reads (not verified)."""
     return STEP_DIR.match(step_dir.name) is not None and all(
-        (step_dir / name).is_file() for name in (MODEL_FILE, TRAIN_STATE_FILE, META_FILE)
+        (step_dir / name).is_file() for name in REQUIRED_FILES
     )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    """``{name: {"bytes", "sha256"}}`` for every file in ``directory`` but ``meta.json``."""
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != META_FILE
+    }
+
+
+def verify_step(step_dir: Path, hashes: bool = True) -> str | None:
+    """What is wrong with a step folder, in a few words, or None when it is intact.
+
+    Every file ``meta.json`` records must be there with its size and (``hashes``) its SHA-256.
+    A folder written before sizes and hashes were recorded is checked for its files only.
+    """
+    if not step_dir.is_dir():
+        return "the folder is missing"
+    try:
+        meta = read_meta(step_dir)
+    except FileNotFoundError:
+        return f"it has no {META_FILE}, the mark written last: its write never finished"
+    except (OSError, ValueError) as e:
+        return f"{META_FILE} is unreadable ({str(e).splitlines()[0]})"
+    records = meta.get("files") or {name: None for name in REQUIRED_FILES if name != META_FILE}
+    for name, record in records.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if record is None:
+            continue
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{name} is {size} bytes, {record['bytes']} when written"
+        if hashes and _sha256(path) != record["sha256"]:
+            return f"{name} does not match the SHA-256 recorded when it was written"
+    return None
+
+
+def verify_dir(directory: str | Path) -> tuple[list[str], bool]:
+    """A line for every step folder, unfinished write and pointer of a ``checkpoint_dir``, and
+    whether all its step folders are intact and ``LATEST`` names one of them.
+
+    Raises:
+        UsageError: ``directory`` is not a folder, or holds no checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a folder: name a run's checkpoint.checkpoint_dir")
+    steps = CheckpointManager(directory).step_folders()
+    others = sorted(
+        p for p in directory.glob("step_*") if p.is_dir() and STEP_DIR.match(p.name) is None
+    )
+    pointers = [directory / name for name in ("LATEST", "LOWEST_VAL", "BEST")]
+    if not steps and not others and not pointers[0].is_file():
+        raise UsageError(
+            f"{directory} holds no step checkpoint (step_NNNNNN folders): name a run's "
+            "checkpoint.checkpoint_dir"
+        )
+    lines, intact, states = [], True, {}
+    for path in steps:
+        problem = states[path.name] = verify_step(path)
+        if problem is not None:
+            intact = False
+            lines.append(f"{path.name}: DAMAGED: {problem}")
+        elif "files" in read_meta(path):
+            lines.append(f"{path.name}: ok ({len(read_meta(path)['files'])} files, SHA-256 match)")
+        else:
+            lines.append(f"{path.name}: ok (written without hashes: its files are present)")
+    for path in others:
+        if path.name.endswith(".tmp"):
+            lines.append(
+                f"{path.name}: an unfinished write (never resumed; the next save removes it)"
+            )
+        else:
+            lines.append(f"{path.name}: set aside (not resumed)")
+    for pointer in pointers:
+        if not pointer.is_file():
+            continue
+        name = pointer.read_text().strip()
+        if name not in states:
+            state = "missing"
+            intact = intact and pointer.name != "LATEST"  # a resume falls back; others are notes
+        else:
+            state = "ok" if states[name] is None else "damaged"
+        lines.append(f"{pointer.name} -> {name} ({state})")
+    return lines, intact
+
+
+def _move_aside(step_dir: Path) -> Path:
+    """Renames a damaged step folder ``step_NNNNNN.damaged`` (``.damaged2``... if taken)."""
+    for n in range(1, 1000):
+        aside = step_dir.with_name(f"{step_dir.name}.damaged{n if n > 1 else ''}")
+        if not aside.exists():
+            step_dir.rename(aside)
+            return aside
+    raise UsageError(f"{step_dir.parent} holds too many damaged copies of {step_dir.name}")
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -285,42 +396,85 @@ class CheckpointManager:
         target = self.dir / path.read_text().strip()
         return target if is_complete(target) else None
 
-    def complete_steps(self) -> list[Path]:
-        """Complete step folders, oldest first."""
+    def step_folders(self) -> list[Path]:
+        """Every ``step_NNNNNN`` folder, intact or not, oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.is_dir() and is_complete(p)]
+        found = [p for p in self.dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+    def complete_steps(self) -> list[Path]:
+        """Step folders holding every file a resume reads, oldest first (not verified)."""
+        return [p for p in self.step_folders() if is_complete(p)]
 
     def find_resume(self, restore_from: str | None = None) -> Path | None:
         """The checkpoint a run continues from.
 
-        The run's own newest complete step folder comes first (rerunning a command continues it):
+        The run's own newest intact step folder comes first (rerunning a command continues it):
         the one ``LATEST`` names, or a newer one when a crash came between its rename and
-        ``LATEST``. Then ``restore_from``, which may name a step folder or another run's
-        ``checkpoint_dir``. ``*.tmp`` folders are never candidates.
+        ``LATEST``. A damaged one (``verify_step``) is named, moved aside as
+        ``step_NNNNNN.damaged``, and the one before it tried. Then ``restore_from``, which may
+        name a step folder or another run's ``checkpoint_dir``. ``*.tmp`` folders are never
+        candidates. Rank 0 reads and verifies; every rank gets its answer.
+
+        Raises:
+            UsageError: the folder holds checkpoints (or a ``LATEST``) but none is intact: the
+                run never starts over silently; or ``restore_from`` is not an intact checkpoint.
         """
         if not self.enabled:
             return None
-        own = (self.complete_steps() or [None])[-1]
+        own, error = from_rank0(self._newest_intact)
+        if error:
+            raise UsageError(error)
         if own is not None:
             if restore_from:
-                print0(
-                    f"note: checkpoint.restore_from is ignored: {self.dir} has its own {own.name}"
-                )
-            return own
+                print0(f"note: checkpoint.restore_from is ignored: {self.dir} has its own {own}")
+            return self.dir / own
         if not restore_from:
             return None
         path = Path(restore_from)
         if (path / "LATEST").is_file():
-            path = CheckpointManager(path).pointer("LATEST") or path
-        if not is_complete(path):
+            path = path / (path / "LATEST").read_text().strip()
+        if STEP_DIR.match(path.name) is None or not path.is_dir():
             raise UsageError(
-                f"checkpoint.restore_from={restore_from}: not a complete step checkpoint "
+                f"checkpoint.restore_from={restore_from}: not a step checkpoint "
                 f"(a step_NNNNNN folder with {MODEL_FILE}, {TRAIN_STATE_FILE} and {META_FILE}, "
                 "or a checkpoint_dir with LATEST)"
             )
+        problem = from_rank0(lambda: verify_step(path))
+        if problem:
+            raise UsageError(
+                f"checkpoint.restore_from={restore_from}: {path} is damaged ({problem}); "
+                "name an intact step folder (automodel checkpoints verify DIR lists them)"
+            )
         return path
+
+    def _newest_intact(self) -> tuple[str | None, str | None]:
+        """(The newest intact step folder's name or None, an error or None), damaged folders
+        moved aside on the way."""
+        latest = self.dir / "LATEST"
+        named = latest.read_text().strip() if latest.is_file() else None
+        if named and not (self.dir / named).is_dir():
+            print0(f"warning: {latest} names {named}, which is missing")
+        damaged = []
+        for path in reversed(self.step_folders()):
+            problem = verify_step(path)
+            if problem is None:
+                if named != path.name:  # lost, damaged or behind: it names the resumed one
+                    _write_atomic(latest, path.name + "\n")
+                return path.name, None
+            aside = _move_aside(path)
+            damaged.append(path.name)
+            print0(
+                f"warning: checkpoint {path} is damaged ({problem}); moved aside as {aside.name}"
+            )
+        if damaged or named:
+            return None, (
+                f"{self.dir} holds no intact checkpoint to resume from "
+                f"({', '.join(damaged) or named} damaged or missing): to start over, delete "
+                f"{latest} or choose another checkpoint.checkpoint_dir"
+            )
+        return None, None
 
     def save(
         self,
@@ -354,18 +508,17 @@ class CheckpointManager:
         final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
         weights = model_weights(model)  # a collective under FSDP2: before any early exit
-        done = is_complete(final)  # complete already: written before a crash, same content
         error = None
-        if rank == 0 and not done:
+        if rank == 0:
             error = _attempt(lambda: self._begin(tmp, final))
         error = all_ranks_error(error)
-        if error is None and not done and rank > 0:
+        if error is None and rank > 0:
             error = _attempt(lambda: save_train_state(train_state, tmp, rank=rank))
         error = all_ranks_error(error)
         if error is None and rank == 0:
             error = _attempt(
                 lambda: self._finish(
-                    tmp, final, done, weights, train_state, cfg, step, val_loss, world_size
+                    tmp, final, weights, train_state, cfg, step, val_loss, world_size
                 )
             )
         error = all_ranks_error(error)
@@ -397,14 +550,14 @@ class CheckpointManager:
     def _begin(self, tmp: Path, final: Path) -> None:
         for stale in self.dir.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # a folder half deleted by pruning
+        # A folder half deleted by pruning, or one found damaged and not moved aside.
+        shutil.rmtree(final, ignore_errors=True)
         tmp.mkdir(parents=True)
 
     def _finish(
         self,
         tmp: Path,
         final: Path,
-        done: bool,
         weights: dict,
         train_state: dict,
         cfg: dict,
@@ -412,16 +565,16 @@ class CheckpointManager:
         val_loss: float | None,
         world_size: int,
     ) -> None:
-        if not done:
-            save_file(weights, str(tmp / MODEL_FILE))
-            _fsync_file(tmp / MODEL_FILE)
-            save_train_state(train_state, tmp)
-            (tmp / "config.yaml").write_text(dump_yaml(cfg))
-            _fsync_file(tmp / "config.yaml")
-            meta = {"step": step, "val_loss": val_loss, "world_size": world_size}
-            _write_atomic(tmp / META_FILE, json.dumps(meta))
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
+        save_file(weights, str(tmp / MODEL_FILE))
+        _fsync_file(tmp / MODEL_FILE)
+        save_train_state(train_state, tmp)
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        _fsync_file(tmp / "config.yaml")
+        meta = {"step": step, "val_loss": val_loss, "world_size": world_size}
+        meta["files"] = file_records(tmp)  # every rank's files: they were written before this
+        _write_atomic(tmp / META_FILE, json.dumps(meta))
+        os.rename(tmp, final)
+        _fsync_dir(self.dir)
         _write_atomic(self.dir / "LATEST", final.name + "\n")
 
     def _update_lowest_val(self, step_dir: Path, val_loss: float) -> None:

@@ -22,6 +22,7 @@ from automodel.distributed import parallelize
 from automodel.distributed.env import any_rank
 from automodel.errors import UsageError
 from automodel.models.forward import blank_image_sample, to_model, vision_inputs
+from automodel.training.signals import workers_starting
 
 
 class BatchFeed:
@@ -64,7 +65,9 @@ class BatchFeed:
             produced = False
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(self.epoch)
-            for batch in loader:
+            with workers_starting():
+                epoch = iter(loader)
+            for batch in epoch:
                 if batch is None and self.world_size > 1:
                     batch = self.idle_batch()
                 if batch is None:
@@ -85,7 +88,9 @@ class BatchFeed:
     def validation_batches(self, loader, limit: int | None = None) -> Iterator[dict]:
         """The loader's batches (the first ``limit``), then, while another rank still has
         some, idle batches: every forward's collectives have partners."""
-        batches, end = iter(loader), object()
+        with workers_starting():
+            batches = iter(loader)
+        end = object()
         for i in itertools.count():
             batch = next(batches, end) if limit is None or i < limit else end
             if not any_rank(batch is not end):

@@ -1,47 +1,76 @@
-"""Stopping a run on purpose: SIGTERM (preemption, ``scancel``, ``kill``) and fatal conditions."""
+"""Stopping a run on purpose: SIGTERM and SIGINT, and fatal conditions.
+
+Slurm's preemption, ``scancel``, ``timeout`` and Ctrl-C signal the whole process group, the data
+loader's worker processes included. The main process turns the signal into a request the loop
+honours at the end of the current step (it checkpoints, then exits 143 or 130); the workers
+ignore both signals (``IgnoreStopSignals``) so that the batches the step still needs keep
+coming. They are started with the signals blocked (``workers_starting``): a signal that arrives
+while a worker is being created waits for the main process instead of killing the newborn
+worker before it could set its handlers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from typing import Self
 
 from automodel.training.guards import NonFiniteGuard
 
-# 128 + SIGTERM, what a shell reports for a process killed by SIGTERM: a scheduler or a script
-# sees a run that was stopped, not one that finished, and can requeue it.
-SIGTERM_EXIT_CODE = 143
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# 128 + the signal, what a shell reports for a process the signal killed: a scheduler or a
+# script sees a run that was stopped, not one that finished, and can requeue it.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+SIGINT_EXIT_CODE = 128 + signal.SIGINT
 
 
-class StopOnSigterm:
-    """Turns SIGTERM into a request the loop honours at the end of the current step.
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
-    Use as a context manager around the loop: the previous handler comes back on exit. Outside the
+
+class StopOnSignal:
+    """Turns SIGTERM and SIGINT into a request the loop honours at the end of the current step.
+
+    A second SIGINT (Ctrl-C pressed twice) does not wait: it raises ``KeyboardInterrupt``. Use
+    as a context manager around the loop: the previous handlers come back on exit. Outside the
     main thread (where Python cannot install handlers) it does nothing.
+
+    Attributes:
+        received: the first signal received, or None.
     """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Callable | int | None] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signal.Signals(signum)
 
     def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if _main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
-def stop_reason(sigterm: StopOnSigterm, guard: NonFiniteGuard) -> tuple[str, int] | None:
+def stop_reason(stop: StopOnSignal, guard: NonFiniteGuard) -> tuple[str, int] | None:
     """Why the run must stop after this step, as (message, exit code), or None."""
-    if sigterm.requested:
-        return "SIGTERM received", SIGTERM_EXIT_CODE
+    if stop.received is not None:
+        code = SIGINT_EXIT_CODE if stop.received == signal.SIGINT else SIGTERM_EXIT_CODE
+        return f"{stop.received.name} received", code
     if guard.exhausted:
         why = (
             f"{guard.consecutive} steps in a row had a non-finite loss or grad norm "
@@ -49,3 +78,40 @@ def stop_reason(sigterm: StopOnSigterm, guard: NonFiniteGuard) -> tuple[str, int
         )
         return why, 1
     return None
+
+
+class IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn`` that leaves SIGTERM and SIGINT to the main process, then
+    runs the config's own ``worker_init_fn`` if any.
+
+    A class rather than a closure so that it pickles for the spawn and forkserver start methods.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        # Started with them blocked (``workers_starting``): ignored from here on, they may
+        # be let through.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+@contextlib.contextmanager
+def workers_starting() -> Iterator[None]:
+    """Blocks SIGTERM and SIGINT in the main thread while loader workers start.
+
+    Workers inherit the mask and unblock once they ignore both (``IgnoreStopSignals``); in the
+    main process a signal received meanwhile stays pending and is handled on exit.
+    """
+    if not _main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -32,6 +32,7 @@ from automodel.models.packing import Packer
 from automodel.peft import apply_lora
 from automodel.recipes.vlm.config import FinetuneConfig
 from automodel.training.feed import BatchFeed
+from automodel.training.signals import IgnoreStopSignals
 
 DATASET_SECTIONS = ("dataset", "validation_dataset")
 
@@ -173,6 +174,11 @@ def build_dataloader(
         # Workers kept across epochs: no process start-up (and empty prefetch queue) at the
         # start of every epoch, which the loop would otherwise wait out.
         node.setdefault("persistent_workers", True)
+    if "worker_init_fn" in node:
+        raise UsageError(
+            f"{section}.worker_init_fn: automodel sets the workers' init function (they leave "
+            "SIGTERM and SIGINT to the main process, which checkpoints); remove the key"
+        )
     generator = torch.Generator().manual_seed(rng.seed + 1)
     return instantiate(
         node,
@@ -182,6 +188,7 @@ def build_dataloader(
         batch_size=batch_size,
         collate_fn=collate,
         generator=generator,
+        worker_init_fn=IgnoreStopSignals(),
     )
 
 

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from automodel.common import IGNORE_INDEX, print0
 from automodel.config.sections import CheckpointConfig
 from automodel.distributed.env import (
+    all_ranks_error,
     all_reduce_sum,
     barrier,
     destroy,
@@ -26,7 +27,7 @@ from automodel.distributed.env import (
     init_distributed,
     loss_divisor,
 )
-from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded
+from automodel.distributed.parallelize import gathered, gradient_sync, is_sharded, reshard
 from automodel.errors import RunStopped, UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.models.compile import compile_model
@@ -66,8 +67,9 @@ from automodel.training.loggers import build_sinks
 from automodel.training.metrics import DataWait, MetricsLogger, peak_memory_gb
 from automodel.training.optim import build_optimizer
 from automodel.training.outputs import preview, save_final
+from automodel.training.run_lock import RunLock
 from automodel.training.schedule import build_lr_scheduler
-from automodel.training.signals import StopOnSigterm, stop_reason
+from automodel.training.signals import StopOnSignal, stop_reason
 from automodel.training.state import collect_state, load_train_state, restore_state
 from automodel.training.summary import run_summary
 from automodel.training.window import LogWindow
@@ -86,6 +88,7 @@ class FinetuneRecipeForVLM:
     def __init__(self, cfg: dict):
         self.cfg, self.notices = resolve_config(cfg)
         self.sections = FinetuneConfig.from_config(self.cfg)
+        self.lock: RunLock | None = None  # rank 0's hold on checkpoint_dir
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -148,9 +151,18 @@ class FinetuneRecipeForVLM:
         )
 
     def setup_run_folder(self, checkpoint: CheckpointConfig) -> None:
-        """The run's folder (``checkpoint_dir``), its checkpoints, the one to resume from, and
-        the resolved config saved there."""
+        """The run's folder (``checkpoint_dir``, locked for this run), its checkpoints, the one to
+        resume from, and the resolved config saved there."""
         self.out_dir = check_writable(checkpoint.checkpoint_dir)
+        error = None
+        if self.dist.is_main:  # one run per folder, held by its rank 0
+            try:
+                self.lock = RunLock(self.out_dir)
+            except UsageError as e:
+                error = str(e)
+        error = all_ranks_error(error)
+        if error:
+            raise UsageError(error)
         self.checkpoints = CheckpointManager(
             self.out_dir, checkpoint.keep_last_n, checkpoint.enabled
         )
@@ -206,14 +218,14 @@ class FinetuneRecipeForVLM:
         """Runs the remaining steps, then writes ``final_model`` and ``loss.png``.
 
         Raises:
-            RunStopped: SIGTERM, too many non-finite steps in a row, or a failed checkpoint save.
+            RunStopped: SIGTERM or SIGINT, too many non-finite steps in a row, or a failed checkpoint save.
         """
         if self.resume_dir is not None:
             # Here rather than in setup(): nothing may draw random numbers after the restore.
             self.restore(self.resume_dir)
         try:
-            with StopOnSigterm() as sigterm:
-                self.train_steps(sigterm)
+            with StopOnSignal() as stop_signal:
+                self.train_steps(stop_signal)
         finally:
             self.logger.close()
         if self.feed.dropped_samples:
@@ -226,7 +238,7 @@ class FinetuneRecipeForVLM:
             print0(self.vision_cache.report(self.vision_cache_counts()))
         return self.save_final()
 
-    def train_steps(self, sigterm: StopOnSigterm) -> None:
+    def train_steps(self, stop_signal: StopOnSignal) -> None:
         """The loop: one optimizer step at a time until ``max_steps`` or a stop request."""
         steps = self.sections.step_scheduler
         batches = self.feed.batches(self.train_loader, self.step > 0, self.logger.write)
@@ -249,7 +261,7 @@ class FinetuneRecipeForVLM:
             ):
                 val_loss = self.validate_and_log(step)
             is_best = self.evaluate(step)
-            stop = first_on_any_rank(stop_reason(sigterm, self.guard))
+            stop = first_on_any_rank(stop_reason(stop_signal, self.guard))
             if stop or is_best or self.is_due(step, steps.ckpt_every_steps):
                 self.save_checkpoint(step, val_loss, is_best)  # a new best eval score: BEST
             if stop:
@@ -352,6 +364,7 @@ class FinetuneRecipeForVLM:
             batch = to_model(batch, self.model)
             tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
             total += self.forward_loss(batch, 1).double()
+        reshard(self.train_module)
         total, tokens = all_reduce_sum(total), int(all_reduce_sum(tokens))
         return {"val_loss": float(total) / max(1, tokens), "val_tokens": tokens}
 
@@ -459,4 +472,6 @@ def run(cfg: dict) -> Path:
         recipe.setup()
         return recipe.train()
     finally:
+        if recipe.lock is not None:
+            recipe.lock.release()
         destroy()
