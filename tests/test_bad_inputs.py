@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -25,7 +26,7 @@ from automodel.datasets.vlm import make_conversation_dataset, make_image_text_da
 from automodel.datasets.vlm.base import check_image, load_image
 from automodel.errors import UsageError
 from automodel.models.auto import load_processor
-from tests.conftest import ROOT
+from tests.conftest import ROOT, catalogue_node_ids, catalogue_rows
 
 NEMO_YAML = ROOT / "examples/vlm/gemma3_vl_4b_cord_v2.yaml"
 SKIP = DataCheckConfig(on_bad_sample="skip", max_bad_fraction=0.5)
@@ -410,3 +411,87 @@ def test_the_training_feed_counts_the_samples_of_a_batch_that_lost_them_all():
     batch = next(feed.batches(loader, resumed=False, write=lines.append))
     assert batch["input_ids"].shape == (1, 3) and feed.dropped_samples == 2
     assert lines == ["dropped sample a: no reply", "dropped sample b: too long"]
+
+
+# ------------------------------------------------------------------------------ generation
+def test_generate_refuses_a_prompt_spelling_an_image_token(tiny_gemma3, tmp_path, capsys):
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    prompts = _write(
+        tmp_path / "prompts.jsonl", json.dumps({"image": "x.png", "prompt": "<start_of_image>?"})
+    )
+    args = ["generate", "--model", str(tiny_gemma3), "--jsonl", str(prompts)]
+    line = _one_line_error(capsys, main([*args, "--out", str(tmp_path / "out.jsonl")]))
+    assert "prompt of item 1: turn 0 (user) spells the special token '<start_of_image>'" in line
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_evaluation_skips_and_counts_a_prompt_spelling_an_image_token(tiny_gemma3, processors):
+    from transformers import AutoModelForImageTextToText
+
+    from automodel.eval.evaluate import evaluate
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_gemma3)
+    samples = [_sample("typed", user_text="What is <start_of_image>?"), _sample("good")]
+    result = evaluate(model, processors("gemma3"), samples, ["exact_match"], max_new_tokens=2)
+    assert [r["index"] for r in result.records] == [1]
+    assert result.skipped == [{"index": 0, "reason": result.skipped[0]["reason"]}]
+    assert "spells the special token '<start_of_image>'" in result.skipped[0]["reason"]
+
+
+def test_an_overlength_sample_under_on_overlength_error_is_one_line(processors):
+    with pytest.raises(UsageError) as error:
+        default_collate_fn([_sample("long")], processors("gemma3"), 8, on_overlength="error")
+    message = str(error.value)
+    assert (
+        message.startswith("sample long: ") and "raise dataloader.collate_fn.max_length" in message
+    )
+    assert "\n" not in message
+
+
+def test_an_error_raised_in_a_loader_worker_still_reaches_the_user_as_one_line():
+    from automodel.datasets.checks import ScreenedDataset
+    from automodel.errors import error_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise OSError("disk gone")
+
+    dataset = ScreenedDataset(Broken(), [0, 1], "dataset")
+    loader = torch.utils.data.DataLoader(dataset, num_workers=1, collate_fn=lambda s: s)
+    with pytest.raises(UsageError) as error:
+        next(iter(loader))
+    assert "Original Traceback" in str(error.value)  # how torch re-raises a worker's error
+    assert error_line(error.value) == (
+        "dataset: 2 samples in a row from index 0 failed to decode (see the messages above); "
+        "the data is broken, not noisy"
+    )
+
+
+# ------------------------------------------------------------------------------ the page
+class _Collected:
+    """A pytest plugin that keeps the node ids a collection found."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def pytest_collection_finish(self, session) -> None:
+        self.ids = {item.nodeid for item in session.items}
+
+
+def test_the_catalogue_names_only_tests_that_exist():
+    rows = catalogue_rows()
+    assert len(rows) >= 40
+    unnamed = [row[0] for row in rows if not re.fullmatch(r"`tests/\S+\.py::.+`", row[-1])]
+    assert not unnamed, f"rows of docs/reliability.md without a test node id: {unnamed}"
+    named = catalogue_node_ids()
+    files = sorted({node.split("::")[0] for node in named})
+    collected = _Collected()
+    # Slow tests included (-m ""); the modules are already imported, so this takes seconds.
+    options = ["--collect-only", "-q", "-m", "", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    code = pytest.main([*options, "--rootdir", str(ROOT), *files], plugins=[collected])
+    assert code == 0
+    missing = sorted(named - collected.ids)
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
