@@ -239,3 +239,16 @@ def test_a_chat_template_cannot_run_code(tiny_gemma3, tmp_path):
     batch = default_collate_fn([sample], processor)
     assert not has_rows(batch) and "is unsafe" in batch["dropped"][0][1]
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ datasets
+def test_a_dataset_folder_with_a_loading_script_does_not_run_it(tmp_path):
+    from automodel.datasets.vlm import make_conversation_dataset
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "myset"
+    folder.mkdir()
+    (folder / "myset.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    with pytest.raises(UsageError, match="Dataset scripts are no longer supported"):
+        make_conversation_dataset(folder)
+    assert not marker.exists()
