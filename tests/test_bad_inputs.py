@@ -436,6 +436,8 @@ def test_evaluation_skips_and_counts_a_prompt_spelling_an_image_token(tiny_gemma
     assert [r["index"] for r in result.records] == [1]
     assert result.skipped == [{"index": 0, "reason": result.skipped[0]["reason"]}]
     assert "spells the special token '<start_of_image>'" in result.skipped[0]["reason"]
+    with pytest.raises(UsageError, match="no evaluation sample can be generated from: all 1"):
+        evaluate(model, processors("gemma3"), samples[:1], ["exact_match"], max_new_tokens=2)
 
 
 def test_an_overlength_sample_under_on_overlength_error_is_one_line(processors):

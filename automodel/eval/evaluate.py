@@ -164,6 +164,11 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
+    if skipped and not records:
+        raise UsageError(
+            f"no evaluation sample can be generated from: all {len(skipped)} skipped (first, "
+            f"sample {skipped[0]['index']}: {skipped[0]['reason']})"
+        )
     result = compute_metrics(names, predictions, [[r["reference"]] for r in records])
     for record, prediction, scores in zip(records, predictions, result.per_sample):
         record["prediction"] = prediction

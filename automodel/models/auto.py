@@ -86,7 +86,7 @@ class AutoModelForImageTextToText:
                 name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
         except (OSError, ValueError, pickle.UnpicklingError) as e:
-            raise load_error(name, "model", e) from None
+            raise _load_error(name, "model", e) from None
 
 
 def load_processor(
@@ -110,10 +110,10 @@ def load_processor(
             name, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
-        raise load_error(name, "the processor of", e) from None
+        raise _load_error(name, "the processor of", e) from None
 
 
-def load_error(name: str, what: str, error: Exception) -> UsageError:
+def _load_error(name: str, what: str, error: Exception) -> UsageError:
     """A loading failure from transformers as one line saying what to do."""
     text = str(error)
     if "trust_remote_code" in text:
@@ -123,10 +123,10 @@ def load_error(name: str, what: str, error: Exception) -> UsageError:
             "generate and export), and only for a folder you trust"
         )
     if isinstance(error, pickle.UnpicklingError):
-        found = [line for line in text.splitlines() if "GLOBAL" in line]
+        found = [line for line in text.splitlines() if "GLOBAL" in line] or text.splitlines()
         return UsageError(
             f"cannot load {what} {name!r}: its .bin weights hold objects other than tensors "
-            f"({found[0].strip() if found else text.splitlines()[0]}); they are read with "
+            f"({(found or [type(error).__name__])[0].strip()}); they are read with "
             "weights_only=True: use a safetensors copy from a source you trust"
         )
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
