@@ -21,3 +21,18 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def error_line(error: Exception) -> str:
+    """The one line the user sees for ``error``.
+
+    An error raised in a DataLoader worker reaches the main process re-raised with the
+    worker's traceback as its message ("Caught UsageError in DataLoader worker process 0.
+    Original Traceback ... automodel.errors.UsageError: MESSAGE"); its last line holds the
+    original message.
+    """
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from automodel.datasets.collate import prompt_inputs
+from automodel.datasets.collate import prompt_inputs, prompt_problem
+from automodel.datasets.vlm.base import load_image
+from automodel.datasets.vlm.sources import BadSampleError
 from automodel.errors import UsageError
 from automodel.models.forward import to_model
 
@@ -167,15 +168,30 @@ def read_generation_inputs(
 
 
 def item_messages(item: dict) -> list[dict]:
-    """The user turn of one generation item (its image decoded, then its prompt)."""
+    """The user turn of one generation item (its image decoded as training decodes images,
+    then its prompt)."""
     content: list[dict] = []
     if item["image"] is not None:
         try:
-            content.append({"type": "image", "image": Image.open(item["image"]).convert("RGB")})
-        except OSError as e:
+            content.append({"type": "image", "image": load_image(str(item["image"]))})
+        except BadSampleError as e:
             raise UsageError(f"cannot read image {item['image']}: {e}") from None
     content.append({"type": "text", "text": item["prompt"]})
     return [{"role": "user", "content": content}]
+
+
+def check_prompts(processor, items: Sequence[dict]) -> None:
+    """Raises ``UsageError`` naming the first item whose prompt spells a special token (an
+    image placeholder typed in a prompt would stand for an image that is not there).
+
+    Args:
+        processor: the model's processor.
+        items: from :func:`read_generation_inputs`.
+    """
+    for item in items:
+        problem = prompt_problem([{"role": "user", "content": item["prompt"]}], processor)
+        if problem:
+            raise UsageError(f"prompt of item {item['id']!r}: {problem}; remove it from the prompt")
 
 
 def generate_to_jsonl(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CATALOGUE = ROOT / "docs/reliability.md"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def catalogue_rows() -> list[list[str]]:
+    """The table rows of docs/reliability.md (header and separator rows left out), as cells."""
+    rows = []
+    for line in CATALOGUE.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith(("| Case |", "|---")):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def catalogue_node_ids() -> set[str]:
+    """The test node ids the catalogue's rows name (their last cell, in backquotes)."""
+    return {m.group(1) for row in catalogue_rows() if (m := re.fullmatch(r"`(.+)`", row[-1]))}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests docs/reliability.md names ``catalogue``: ``pytest -m catalogue``."""
+    named = catalogue_node_ids()
+    for item in items:
+        if item.nodeid in named:
+            item.add_marker(pytest.mark.catalogue)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from automodel.datasets.collate import default_collate_fn, image_token_ids
+from automodel.datasets.collate import default_collate_fn, has_rows, image_token_ids
 from automodel.datasets.vlm import make_cord_v2_dataset
 from automodel.loss import MaskedCrossEntropy
 from automodel.models.forward import label_logits
@@ -104,7 +104,9 @@ def test_max_length_never_cuts_image_tokens(processor):
     # The kept sample's image tokens all survive: as many as the processor makes per image.
     n_image = int((batch["input_ids"] == processor.tokenizer.image_token_id).sum())
     assert n_image == processor.image_seq_length
-    assert default_collate_fn(examples[3:], processor) is None
+    # A batch that loses every sample has no rows but still names them.
+    empty = default_collate_fn(examples[3:], processor)
+    assert not has_rows(empty) and [name for name, _ in empty["dropped"]] == ["no-reply"]
 
 
 def test_truncation_keeps_image_and_some_reply(processor):

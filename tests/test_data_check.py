@@ -144,7 +144,7 @@ def test_every_sample_failing_to_decode_is_an_error_not_a_hang(tmp_path):
         def __getitem__(self, i):
             raise OSError("disk gone")
 
-    with pytest.raises(RuntimeError, match="failed to decode"):
+    with pytest.raises(UsageError, match="failed to decode"):
         ScreenedDataset(Broken(), [0, 1, 2], "dataset")[0]
 
 

@@ -18,7 +18,7 @@ import sys
 
 from automodel.cli import checkpoints, data, evaluate, export, finetune, generate, models
 from automodel.cli.common import Parents, Parser, leaf_parser, reject_unknown
-from automodel.errors import RunStopped, UsageError
+from automodel.errors import RunStopped, UsageError, error_line
 
 USAGE_ERROR = 2
 GROUPS = (finetune, models, data, generate, evaluate, export, checkpoints)
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
-        _print_once(f"error: {e}")
+        _print_once(f"error: {error_line(e)}")
         return USAGE_ERROR
     except RunStopped as e:  # SIGTERM (exit 143), repeated non-finite steps, a failed save (1)
-        _print_once(f"stopped: {e}")
+        _print_once(f"stopped: {error_line(e)}")
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

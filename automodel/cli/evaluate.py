@@ -67,7 +67,8 @@ def run_evaluate(ns, overrides: list[str]) -> int:
         out_dir=ns.out,
         batch_size=batch_size,
     )
-    print(markdown_table(result.scores, f"metric ({len(result.records)} samples)"))
+    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+    print(markdown_table(result.scores, f"metric ({len(result.records)} samples{skipped})"))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
     return 0
 

@@ -29,10 +29,16 @@ def add_parsers(sub, parents) -> None:
     merge.add_argument("--base", required=True, help="base model folder or hub id")
     merge.add_argument("--adapter", required=True, type=Path, help="PEFT adapter folder")
     merge.add_argument("--out", required=True, type=Path, help="where to write the merged model")
+    merge.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own Python code (auto_map in its config); only for "
+        "folders you trust",
+    )
 
 
 def run_merge_lora(ns, overrides: list[str]) -> int:
     from automodel.recipes.vlm.export import merge_lora
 
-    print(merge_lora(ns.base, ns.adapter, ns.out))
+    print(merge_lora(ns.base, ns.adapter, ns.out, trust_remote_code=ns.trust_remote_code))
     return 0

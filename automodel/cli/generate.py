@@ -33,6 +33,12 @@ def add_parsers(sub, parents) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--batch-size", default="8", metavar="N", help="default 8")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own Python code (auto_map in its config); only for "
+        "folders you trust",
+    )
 
 
 def run_generate(ns, overrides: list[str]) -> int:
@@ -40,6 +46,7 @@ def run_generate(ns, overrides: list[str]) -> int:
         raise UsageError("give one of --image (a file or a folder) and --jsonl")
     batch_size = positive("--batch-size", ns.batch_size)
     from automodel.generation import (
+        check_prompts,
         generate_reply,
         generate_to_jsonl,
         item_messages,
@@ -48,8 +55,10 @@ def run_generate(ns, overrides: list[str]) -> int:
     from automodel.models.auto import AutoModelForImageTextToText, load_processor
 
     items = read_generation_inputs(ns.image, ns.jsonl, ns.prompt)
-    model = AutoModelForImageTextToText.from_pretrained(str(ns.model))
-    processor = load_processor(str(ns.model))
+    trust = ns.trust_remote_code
+    processor = load_processor(str(ns.model), trust_remote_code=trust)
+    check_prompts(processor, items)  # before the model loads
+    model = AutoModelForImageTextToText.from_pretrained(str(ns.model), trust_remote_code=trust)
     if ns.jsonl is None and ns.image.is_file() and ns.out is None:
         print(generate_reply(model, processor, item_messages(items[0]), ns.max_new_tokens))
         return 0

@@ -81,6 +81,11 @@ def resolve_target(name: Any, where: str, extra_prefixes: tuple[str, ...] = ()) 
                 continue
             raise
         for i, attr in enumerate(parts[split:], start=split):
+            if attr.startswith("__"):
+                raise UsageError(
+                    f"{where}._target_: {name} names the private attribute {attr}; name a "
+                    "public function or class"
+                )
             if not hasattr(obj, attr):
                 options = [a for a in dir(obj) if not a.startswith("_")]
                 raise UsageError(
@@ -88,10 +93,32 @@ def resolve_target(name: Any, where: str, extra_prefixes: tuple[str, ...] = ()) 
                     f"{closest(attr, options)}"
                 )
             obj = getattr(obj, attr)
+            _check_home(obj, name, where, allowed, strict=name.startswith(ALLOWED_PREFIXES))
         if not callable(obj):
             raise UsageError(f"{where}._target_: {name} is not callable")
         return obj
     raise UsageError(f"{where}._target_: cannot import {name} (is the package installed?)")
+
+
+def _check_home(obj: Any, name: str, where: str, allowed: tuple[str, ...], strict: bool) -> None:
+    """Refuses a path that leaves the allowed modules through an attribute: an allowed module's
+    attribute may be another module (``torch.os``) or, under the built-in prefixes (``strict``),
+    a function imported from one. Under a prefix the config opted in, only modules are checked:
+    its functions may live in a C module of another name (``os.getcwd`` in ``posix``)."""
+    if inspect.ismodule(obj):
+        home, shown = obj.__name__, obj.__name__
+    elif strict:
+        home = getattr(obj, "__module__", None)
+        shown = f"{home}.{getattr(obj, '__qualname__', '')}"
+    else:
+        return
+    roots = {p.rstrip(".") for p in allowed}  # torch.zeros lives in the module torch itself
+    if isinstance(home, str) and not home.startswith(allowed) and home not in roots:
+        raise UsageError(
+            f"{where}._target_: {name} leads to {shown}, outside the allowed modules "
+            f"({', '.join(allowed)}); to trust it add its prefix to a top-level "
+            "allowed_target_prefixes list"
+        )
 
 
 def is_target(node: Any) -> bool:

@@ -42,6 +42,28 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
+    """A mapping that refuses a key written twice (YAML would keep the last one silently).
+
+    Keys merged in from an anchor (``<<: *base``) may be overridden: only written keys count.
+    """
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                problem=f"the key {key!r} is written twice in one section; keep one",
+                problem_mark=key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def parse_scalar(text: str) -> Any:
     """Parses one command-line or environment value as a YAML scalar ("3" -> 3, "1e-5" -> 1e-5)."""
     try:
@@ -107,6 +129,11 @@ def interpolate_env(node: Any, path: str = "") -> Any:
     whole = _ENV.fullmatch(node)
     if whole:
         return parse_scalar(value(whole))
+    if "${" in _ENV.sub("", node):
+        raise UsageError(
+            f"{path}: {node!r} has a malformed ${{...}} reference; write ${{VAR}} or "
+            "${VAR,default} (VAR: letters, digits and _, not starting with a digit)"
+        )
     return _ENV.sub(value, node)
 
 

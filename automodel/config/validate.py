@@ -26,6 +26,8 @@ class Schema:
         plain: plain sections, mapped to their ``Section`` dataclass.
         noticed: sections accepted but not acted on, mapped to the notice printed for them.
         top_level: top-level keys and their types.
+        target_lists: top-level keys holding a list of ``_target_`` calls (each is checked as a
+            target section is).
         docs: a line for each target section and top-level key (the config reference's).
     """
 
@@ -34,6 +36,7 @@ class Schema:
     noticed: dict[str, str] = field(default_factory=dict)
     top_level: dict[str, Any] = field(default_factory=dict)
     docs: dict[str, str] = field(default_factory=dict)
+    target_lists: tuple[str, ...] = ()
 
     def sections(self) -> set[str]:
         return set(self.targets) | set(self.plain) | set(self.noticed) | set(self.top_level)
@@ -70,6 +73,9 @@ def validate_config(cfg: dict, schema: Schema) -> list[str]:
     for key, expected in schema.top_level.items():
         if key in cfg:
             check_value(cfg[key], expected, key)
+    for key in schema.target_lists:
+        for i, node in enumerate(cfg.get(key) or []):
+            _check_target_node(node, f"{key}[{i}]", extra)
     return [f"note: {schema.noticed[n]}" for n in cfg if n in schema.noticed]
 
 

@@ -170,7 +170,7 @@ class ScreenedDataset(torch.utils.data.Dataset):
                 return self.dataset[i]
             except Exception as exc:  # noqa: BLE001 - any failure of one sample skips it
                 self._report(i, exc)
-        raise RuntimeError(
+        raise UsageError(
             f"{self.name}: {min(n, MAX_REPLACEMENTS)} samples in a row from index {idx} failed "
             f"to decode (see the messages above); the data is broken, not noisy"
         )

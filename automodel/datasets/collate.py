@@ -143,7 +143,9 @@ def _spelled_special(text: str, processor) -> str | None:
     from seconds (real vocabulary) to a minute (the 262k twin) to compile in every worker.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
-    specials = _special_ids(tokenizer)
+    # Image tokens count even where a tokenizer does not mark them special: the processor
+    # expands each one it finds in the text into an image's run of tokens.
+    specials = _special_ids(tokenizer) | set(image_token_ids(processor))
     for token_id in tokenizer(text, add_special_tokens=False)["input_ids"]:
         if token_id in specials:
             return tokenizer.convert_ids_to_tokens(token_id)
@@ -209,22 +211,23 @@ def sample_problem(conversation: list[dict], processor) -> str | None:
     replies = [m for m in conversation if m["role"] == "assistant"]
     if not replies:
         return "the sample has no assistant reply to learn from"
+    users = 0
     for turn, message in enumerate(conversation):
         role = message["role"]
         if role not in ("system", "user", "assistant"):
             return f"turn {turn} has role {role!r}; use system, user or assistant"
+        users += role == "user"
+        if role == "assistant" and not users:
+            return f"turn {turn} is a reply before any user turn; a reply needs a prompt"
         for part in message["content"]:
             if part.get("type") == "image":
                 if part.get("image") is None:
                     return f"turn {turn} has an image part without an image"
                 if role != "user":
                     return f"turn {turn} ({role}) holds an image; images belong in user turns"
-        found = _spelled_special(_text(message), processor)
-        if found:
-            return (
-                f"turn {turn} ({role}) spells the special token {found!r} in its text, "
-                "which the processor would read as a control or image token"
-            )
+        spelled = _spelled_in_turn(turn, message, processor)
+        if spelled:
+            return spelled
         if role == "assistant" and not _text(message).strip():
             return f"turn {turn} is an empty assistant reply"
     if is_prefix_lm(processor):
@@ -238,6 +241,33 @@ def sample_problem(conversation: list[dict], processor) -> str | None:
         if not _images(conversation):
             return f"a prefix-LM ({type(processor).__name__}) needs an image in every sample"
     return None
+
+
+def prompt_problem(messages: list[dict], processor) -> str | None:
+    """Why a prompt cannot be generated from (a turn spells a special token), or None.
+
+    Args:
+        messages: the chat messages before the reply to generate.
+        processor: the model's processor.
+    """
+    for turn, message in enumerate(_normalize(messages)):
+        spelled = _spelled_in_turn(turn, message, processor)
+        if spelled:
+            return spelled
+    return None
+
+
+def _spelled_in_turn(turn: int, message: dict, processor) -> str | None:
+    # A turn's reasoning is rendered into the text too (inside the template's think block).
+    found = _spelled_special(_text(message), processor) or _spelled_special(
+        _reasoning(message) or "", processor
+    )
+    if not found:
+        return None
+    return (
+        f"turn {turn} ({message['role']}) spells the special token {found!r} in its text, "
+        "which the processor would read as a control or image token"
+    )
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -564,9 +594,10 @@ def default_collate_fn(
     Returns:
         The processor's tensors plus ``labels``, ``num_images`` (images fed, counted per row),
         ``dropped`` (a list of ``(name, reason)`` for samples left out) and ``resized``
-        (``(name, scale)`` for samples whose images were shrunk), or ``None`` when no sample in
-        the batch is usable. A sample whose template renders history differently from
-        generation is one row per reply, so a batch may hold more rows than samples.
+        (``(name, scale)`` for samples whose images were shrunk); when no sample in the batch
+        is usable, only ``dropped`` (a batch without rows, see ``has_rows``), so the reasons
+        still reach the training loop. A sample whose template renders history differently
+        from generation is one row per reply, so a batch may hold more rows than samples.
 
     Raises:
         UsageError: ``on_overlength="error"`` and a sample does not fit.
@@ -581,7 +612,7 @@ def default_collate_fn(
     fit = _Fit(processor, max_length, on_overlength, names, chat_template_kwargs)
     keep, batch = fit.render(conversations, dropped)
     if not keep:
-        return None
+        return {"dropped": [(names[i], why) for i, why in dropped]}
     if max_length is not None and batch["input_ids"].shape[1] > max_length:
         for key in SEQUENCE_KEYS:
             if key in batch and torch.is_tensor(batch[key]) and batch[key].dim() >= 2:
@@ -592,6 +623,12 @@ def default_collate_fn(
     batch["dropped"] = [(names[i], why) for i, why in dropped]
     batch["resized"] = resized
     return batch
+
+
+def has_rows(batch: dict | None) -> bool:
+    """Whether a collate's output holds rows to run: not ``None`` (a custom collate's empty
+    batch) and not only the ``dropped`` samples of a batch that lost them all."""
+    return batch is not None and "input_ids" in batch
 
 
 def _usable_conversations(examples: list[dict], processor) -> tuple[dict, list]:

@@ -234,8 +234,10 @@ def _load(model_dir: Path, data_dir: Path) -> tuple[list, list, Any, Any]:
     truths, images = _read_split(data_dir, "train")
     if not truths:
         raise UsageError(f"teach_tower_to_read: {data_dir} has no train receipts.")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=False
+    )
     if not hasattr(model.model, "get_image_features") or not hasattr(
         model.model, "multi_modal_projector"
     ):

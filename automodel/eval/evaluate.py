@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel.datasets.collate import prompt_problem
 from automodel.errors import UsageError
 from automodel.eval.metrics import compute_metrics, expand_metric_names
 from automodel.generation import generate_replies, prompt_messages, reply_text
@@ -47,11 +49,14 @@ class EvalResult:
         records: one dict per sample (``index``, ``prompt``, ``reference``, ``prediction``,
             ``scores``); the first ``keep_images`` records also hold the PIL ``image``.
         metrics: the metric names that were run.
+        skipped: ``{"index", "reason"}`` of each sample whose prompt cannot be generated from
+            (it spells a special token); they are not scored.
     """
 
     scores: dict[str, float]
     records: list[dict] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
 
 
 def _first_image(messages: list[dict]):
@@ -130,14 +135,22 @@ def evaluate(
         bar = tqdm(total=count, desc="evaluating", unit="sample")
     records: list[dict] = []
     predictions: list[str] = []
+    skipped: list[dict] = []
     try:
         for start in range(0, count, batch_size):
             # Samples are read one batch at a time so only a batch of images is ever decoded.
             batch = []
             for index in range(start, min(start + batch_size, count)):
                 prompt, record = _prompt_and_record(dataset, index, keep_images)
+                problem = prompt_problem(prompt, processor)
+                if problem:
+                    skipped.append({"index": index, "reason": problem})
+                    print(f"WARNING: skipped evaluation sample {index}: {problem}", file=sys.stderr)
+                    continue
                 batch.append(prompt)
                 records.append(record)
+            if not batch:
+                continue
             predictions += generate_replies(
                 model,
                 processor,
@@ -151,11 +164,16 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
+    if skipped and not records:
+        raise UsageError(
+            f"no evaluation sample can be generated from: all {len(skipped)} skipped (first, "
+            f"sample {skipped[0]['index']}: {skipped[0]['reason']})"
+        )
     result = compute_metrics(names, predictions, [[r["reference"]] for r in records])
     for record, prediction, scores in zip(records, predictions, result.per_sample):
         record["prediction"] = prediction
         record["scores"] = scores
-    return EvalResult(result.scores, records, names)
+    return EvalResult(result.scores, records, names, skipped)
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, **meta: Any) -> Path:
@@ -188,6 +206,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path, **meta: Any) -> Path:
         "scores": result.scores,
         "num_samples": len(result.records),
         "metrics": result.metrics,
+        **({"skipped": result.skipped} if result.skipped else {}),
         **meta,
     }
     _write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str) + "\n")

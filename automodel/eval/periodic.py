@@ -106,7 +106,8 @@ class PeriodicEvaluator:
                 f.write(json.dumps({"step": step, **result.scores}) + "\n")
         line = ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items())
         mark = f" (best {self.best_metric} so far)" if is_best else ""
-        message = f"eval step {step} ({len(result.records)} samples): {line}{mark}"
+        skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+        message = f"eval step {step} ({len(result.records)} samples{skipped}): {line}{mark}"
         if self.logger is None:
             print(message, flush=True)
         else:

@@ -6,6 +6,7 @@ the transformers model. Freezing, LoRA and sharding are applied afterwards by th
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 from automodel.common import parse_dtype
+from automodel.config.loader import closest
 from automodel.errors import UsageError
 from automodel.paths import is_local_path
 
@@ -46,10 +48,12 @@ class AutoModelForImageTextToText:
             pretrained_model_name_or_path: folder or hub id.
             torch_dtype / dtype: parameter dtype (``bfloat16``, ``float32`` ...); default float32.
             attn_implementation: ``sdpa``, ``eager`` ...; default lets transformers pick.
-            trust_remote_code: passed through to transformers.
+            trust_remote_code: run the folder's own Python code (its config's ``auto_map``);
+                off unless the config turns it on.
             use_liger_kernel: accepted for NeMo AutoModel configs; Liger kernels are not applied.
             revision, cache_dir, local_files_only: as in transformers' ``from_pretrained``.
-            config_overrides: attributes set on the model config before the weights load.
+            config_overrides: attributes of the model config (existing ones) set before the
+                weights load.
 
         The argument list is closed on purpose: a misspelt key is an error, not an attribute
         silently added to the model config.
@@ -63,23 +67,38 @@ class AutoModelForImageTextToText:
         dtype = dtype or torch.float32
         kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
         kwargs["local_files_only"] = local_files_only
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        kwargs.update(config_overrides or {})
         try:
-            return transformers.AutoModelForImageTextToText.from_pretrained(
-                name, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+            config = transformers.AutoConfig.from_pretrained(
+                name, trust_remote_code=trust_remote_code, **kwargs
             )
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(
-                f"cannot load model {name!r}: {first} "
-                "(offline? set model.pretrained_model_name_or_path to a local folder)"
-            ) from None
+            # On the config object, never as from_pretrained keywords: there a key such as
+            # weights_only or use_safetensors would change how the weights are read.
+            for key, value in (config_overrides or {}).items():
+                if not hasattr(config, key):
+                    raise UsageError(
+                        f"model.config_overrides.{key}: the {config.model_type} config has no "
+                        f"attribute {key!r}{closest(key, list(config.to_dict()))}"
+                    )
+                setattr(config, key, value)
+            if attn_implementation is not None:
+                kwargs["attn_implementation"] = attn_implementation
+            return transformers.AutoModelForImageTextToText.from_pretrained(
+                name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError, pickle.UnpicklingError) as e:
+            raise _load_error(name, "model", e) from None
 
 
-def load_processor(pretrained_model_name_or_path: str, **kwargs: Any):
+def load_processor(
+    pretrained_model_name_or_path: str, trust_remote_code: bool = False, **kwargs: Any
+):
     """Loads the processor (tokenizer, image processor, chat template) of a model.
+
+    Args:
+        pretrained_model_name_or_path: folder or hub id.
+        trust_remote_code: run the folder's own processor code (``auto_map``); the model
+            section's value, False unless the config turns it on.
+        **kwargs: passed to ``AutoProcessor.from_pretrained``.
 
     Raises:
         UsageError: the folder does not exist or holds no processor.
@@ -87,7 +106,29 @@ def load_processor(pretrained_model_name_or_path: str, **kwargs: Any):
     name = str(pretrained_model_name_or_path)
     _check_source(name, "processor", "processor.pretrained_model_name_or_path")
     try:
-        return transformers.AutoProcessor.from_pretrained(name, **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load the processor of {name!r}: {first}") from None
+        return transformers.AutoProcessor.from_pretrained(
+            name, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(name, "the processor of", e) from None
+
+
+def _load_error(name: str, what: str, error: Exception) -> UsageError:
+    """A loading failure from transformers as one line saying what to do."""
+    text = str(error)
+    if "trust_remote_code" in text:
+        return UsageError(
+            f"{name} holds its own Python code (auto_map in its config), which automodel runs "
+            "only when told to: set model.trust_remote_code: true (--trust-remote-code for "
+            "generate and export), and only for a folder you trust"
+        )
+    if isinstance(error, pickle.UnpicklingError):
+        found = [line for line in text.splitlines() if "GLOBAL" in line] or text.splitlines()
+        return UsageError(
+            f"cannot load {what} {name!r}: its .bin weights hold objects other than tensors "
+            f"({(found or [type(error).__name__])[0].strip()}); they are read with "
+            "weights_only=True: use a safetensors copy from a source you trust"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    hint = " (offline? set model.pretrained_model_name_or_path to a local folder)"
+    return UsageError(f"cannot load {what} {name!r}: {first}{hint if what == 'model' else ''}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from automodel.common import IGNORE_INDEX, print0
+from automodel.datasets.collate import has_rows
 from automodel.distributed import parallelize
 from automodel.distributed.env import any_rank
 from automodel.errors import UsageError
@@ -68,14 +69,15 @@ class BatchFeed:
             with workers_starting():
                 epoch = iter(loader)
             for batch in epoch:
-                if batch is None and self.world_size > 1:
-                    batch = self.idle_batch()
-                if batch is None:
-                    continue
-                self.images += batch.pop("num_images", 0)
-                for name, why in batch.pop("dropped", []):
+                for name, why in batch.pop("dropped", []) if batch is not None else []:
                     self.dropped_samples += 1
                     write(f"dropped sample {name}: {why}")
+                if not has_rows(batch):
+                    if self.world_size == 1:
+                        continue
+                    batch = self.idle_batch()
+                    batch.pop("dropped", None)
+                self.images += batch.pop("num_images", 0)
                 produced = True
                 yield batch
             if not produced and not resumed:
@@ -95,7 +97,7 @@ class BatchFeed:
             batch = next(batches, end) if limit is None or i < limit else end
             if not any_rank(batch is not end):
                 return
-            if batch is end or batch is None:
+            if batch is end or not has_rows(batch):
                 if self.world_size == 1:
                     continue
                 batch = self.idle_batch()
@@ -135,7 +137,7 @@ class BatchFeed:
         """One collated blank-image sample (a reply labelled) on the model: inputs, labels."""
         if self._blank is None:
             collated = self.collate([blank_image_sample()])
-            if collated is None:
+            if not has_rows(collated):
                 # The one-word sample does not fit: no real sample with an image would either.
                 raise UsageError(
                     "a one-word sample with one small image does not fit "

@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch.utils.data
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from automodel.datasets.vlm.sources import (
     BadSampleError,
@@ -129,9 +129,13 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise BadSampleError(f"no image (got {_short(value)})")
         if value.startswith("data:"):
             try:
-                return {"bytes": base64.b64decode(value.split(",", 1)[1]), "path": None}
+                payload = "".join(value.split(",", 1)[1].split())  # wrapped lines too
+                data = base64.b64decode(payload, validate=True)
             except (IndexError, ValueError) as exc:
                 raise BadSampleError(f"unreadable data: URL image ({one_line(exc)})") from None
+            if not data:
+                raise BadSampleError("empty data: URL image")
+            return {"bytes": data, "path": None}
         if value.startswith(("http://", "https://")):
             raise BadSampleError(
                 f"remote image {value!r}: images are read from disk; download them first"
@@ -143,13 +147,17 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def check_conversation(conversation: list[dict[str, Any]]) -> None:
-    """Raises ``BadSampleError`` unless the conversation has a reply to learn from."""
-    replies = 0
+    """Raises ``BadSampleError`` unless the conversation has a reply to learn from, after a
+    user turn (a reply without a prompt has nothing to answer)."""
+    replies, users = 0, 0
     for number, turn in enumerate(conversation, start=1):
         if turn["role"] not in ROLES:
             raise BadSampleError(f"turn {number} has an unknown role {turn['role']!r}")
+        users += turn["role"] == "user"
         if turn["role"] != "assistant":
             continue
+        if not users:
+            raise BadSampleError(f"the reply in turn {number} comes before any user turn")
         text = "".join(p.get("text", "") for p in turn["content"] if p["type"] == "text")
         if not text.strip():
             raise BadSampleError(f"the reply in turn {number} is empty")
@@ -184,20 +192,26 @@ def decode_images(
 def load_image(ref: ImageRef, image_size: int | None = None) -> Image.Image:
     """Decode one image reference as RGB, fitted within ``image_size`` (aspect kept) when set.
 
+    Files are read as ``datasets.Image`` reads embedded images (EXIF orientation applied), so an
+    image gives the same pixels whether a JSONL names its path or a parquet holds its bytes. The
+    first frame of an animation is used; ``to_rgb`` handles transparency and 16-bit images.
+
     Raises:
         BadSampleError: the file is missing or does not decode.
     """
     try:
         if isinstance(ref, Image.Image):
-            image = ref
+            image = to_rgb(ref)
         elif isinstance(ref, dict):
+            if not ref.get("bytes") and not ref.get("path"):
+                raise BadSampleError("the image is empty (no bytes and no path)")
             # Through datasets' own decoder, as datasets.Image columns decode.
-            image = datasets.Image().decode_example(ref)
+            image = to_rgb(datasets.Image().decode_example(ref))
         else:
             with Image.open(ref) as opened:
-                image = opened.convert("RGB")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+                image = to_rgb(_upright(opened))
+                if image is opened:
+                    image = image.copy()  # closing the file frees the pixels it holds
     except FileNotFoundError:
         raise BadSampleError(f"image not found: {_ref_name(ref)}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -209,6 +223,39 @@ def load_image(ref: ImageRef, image_size: int | None = None) -> Image.Image:
         if size != image.size:
             image = image.resize(size, Image.Resampling.BICUBIC)
     return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, as datasets' ``Image.decode_example`` does
+    (datasets/features/image.py)."""
+    if image.getexif().get(ExifTags.Base.Orientation) is not None:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+# 16-bit greyscale modes: Pillow's convert("RGB") clips them at 255 (a 16-bit PNG turns white).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB.
+
+    Transparency (RGBA, LA, a palette's transparent index) is composited onto white, as
+    transformers' ``convert_to_rgb`` does before a processor sees an image; 16-bit greyscale is
+    scaled to 8 bits instead of clipped. CMYK, palette, bilevel and greyscale images are
+    converted by Pillow.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT:
+        pixels = np.asarray(image, dtype=np.uint32)  # [H, W]
+        image = Image.fromarray((pixels // 257).astype(np.uint8))  # mode L
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # transformers' convert_to_rgb (transformers/image_transforms.py, v5.24.0), in PIL.
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
 
 
 def check_image(ref: ImageRef, seen: dict[str, str | None] | None = None) -> str | None:
@@ -227,12 +274,14 @@ def check_image(ref: ImageRef, seen: dict[str, str | None] | None = None) -> str
             stream = io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref.get("path")
         else:
             stream = ref
-        if isinstance(stream, str) and not os.path.isfile(stream):
+        if stream is None:
+            reason = "the image is empty (no bytes and no path)"
+        elif isinstance(stream, str) and not os.path.isfile(stream):
             reason = f"image not found: {stream}"
         else:
             with Image.open(stream) as image:
                 image.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, it is one bad sample
         reason = f"image {_ref_name(ref)} is not a readable image ({one_line(exc)})"
     if key is not None and seen is not None:
         seen[key] = reason
@@ -240,9 +289,19 @@ def check_image(ref: ImageRef, seen: dict[str, str | None] | None = None) -> str
 
 
 def set_image_root(source: RecordSource, image_root: str | os.PathLike[str] | None) -> None:
-    """Resolve relative image paths against ``image_root`` instead of the data file's folder."""
+    """Resolve relative image paths against ``image_root`` instead of the data file's folder.
+
+    Raises:
+        UsageError: ``image_root`` is not a folder (every image would be missing).
+    """
     if image_root is not None:
-        source.base_dir = os.path.abspath(os.path.expanduser(os.fspath(image_root)))
+        folder = os.path.abspath(os.path.expanduser(os.fspath(image_root)))
+        if not os.path.isdir(folder):
+            raise UsageError(
+                f"image_root {os.fspath(image_root)!r} is not a folder; set it to the folder the "
+                "records' relative image paths start from"
+            )
+        source.base_dir = folder
 
 
 def select_indices(

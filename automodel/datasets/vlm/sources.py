@@ -104,6 +104,11 @@ class JsonLinesSource(RecordSource):
         raw = os.pread(self._fd, int(self._ends[i]) - start, start)
         try:
             record = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            raise BadSampleError(
+                f"the line is not UTF-8 text (byte {raw[exc.start]:#04x} at {exc.start}); save "
+                "the file as UTF-8"
+            ) from None
         except ValueError as exc:
             raise BadSampleError(f"malformed JSON ({exc})") from None
         if not isinstance(record, dict):
@@ -123,6 +128,11 @@ class JsonArraySource(RecordSource):
         try:
             with open(path, encoding="utf-8") as f:
                 records = json.load(f)
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}); save it as UTF-8"
+            ) from None
         except ValueError as exc:
             raise UsageError(
                 f"{path} is not valid JSON ({exc}); fix the file, or write one record per line "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from automodel.common import parse_dtype, print0
-from automodel.config.instantiate import instantiate, resolve_target
+from automodel.config.instantiate import accepted_keywords, instantiate, resolve_target
 from automodel.config.sections import DataCheckConfig, FreezeConfig, StepSchedulerConfig
 from automodel.datasets.checks import screen_dataset
 from automodel.datasets.samplers import make_sampler
@@ -63,11 +63,26 @@ def run_prepare(cfg: dict, local_rank: int = 0) -> None:
 
 def build_processor(cfg: dict):
     """The ``processor`` section, else the model folder's own processor; its chat template
-    carries the family's fix-up (with a one-line notice), so ``final_model`` ships it too."""
-    if cfg.get("processor"):
-        processor = build(cfg, "processor")
+    carries the family's fix-up (with a one-line notice), so ``final_model`` ships it too.
+
+    The processor runs its folder's own code only as the model does: ``trust_remote_code``
+    comes from the processor section, else the model section (default false), never from
+    transformers' interactive prompt."""
+    trust = bool(cfg["model"].get("trust_remote_code", False))
+    section = cfg.get("processor")
+    if section:
+        accepted = accepted_keywords(
+            resolve_target(section["_target_"], "processor", extra_prefixes(cfg))
+        )
+        takes_it = accepted is None or "trust_remote_code" in accepted
+        extra = (
+            {"trust_remote_code": trust} if takes_it and "trust_remote_code" not in section else {}
+        )
+        processor = build(cfg, "processor", **extra)
     else:
-        processor = load_processor(cfg["model"]["pretrained_model_name_or_path"])
+        processor = load_processor(
+            cfg["model"]["pretrained_model_name_or_path"], trust_remote_code=trust
+        )
     notice = families.fix_chat_template(processor)
     if notice:
         print0(f"chat template: {notice}")

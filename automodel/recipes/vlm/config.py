@@ -129,6 +129,7 @@ SCHEMA = Schema(
         "ci": "ci: NeMo AutoModel's CI settings (time budget, recipe owner); not used here",
     },
     top_level={"recipe": str | dict, "allowed_target_prefixes": list, "prepare": list},
+    target_lists=("prepare",),
     docs={
         "recipe": "optional: the recipe the config is for, as NeMo AutoModel's configs name it: "
         "`FinetuneRecipeForVLM` (or `nemo_automodel.recipes.vlm.finetune.FinetuneRecipeForVLM`, "

@@ -58,8 +58,11 @@ def run_evaluation(
     metrics = None if metrics is None else expand_metric_names(metrics)
     dataset, split_name = evaluation_dataset(cfg, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).to(device)
-    processor = load_processor(str(model_dir))
+    # The model folder runs its own code only when the config's model section allows it.
+    trust = bool((cfg.get("model") or {}).get("trust_remote_code", False))
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), trust_remote_code=trust)
+    model = model.to(device)
+    processor = load_processor(str(model_dir), trust_remote_code=trust)
     result = evaluate(
         model,
         processor,

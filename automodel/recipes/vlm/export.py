@@ -9,11 +9,13 @@ from automodel.models.auto import AutoModelForImageTextToText, load_processor
 from automodel.training.checkpoint import save_hf_folder
 
 
-def merge_lora(base: str, adapter: str | Path, out: str | Path) -> Path:
+def merge_lora(
+    base: str, adapter: str | Path, out: str | Path, trust_remote_code: bool = False
+) -> Path:
     """Loads ``base``, applies the PEFT adapter in ``adapter``, merges, and saves to ``out``.
 
     The processor (with its chat template) comes from the adapter folder when it holds one,
-    otherwise from the base.
+    otherwise from the base. ``trust_remote_code`` lets the base folder run its own code.
 
     Returns:
         ``out``, an ordinary Hugging Face folder.
@@ -25,11 +27,13 @@ def merge_lora(base: str, adapter: str | Path, out: str | Path) -> Path:
         raise UsageError(
             f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder)"
         )
-    model = AutoModelForImageTextToText.from_pretrained(base)
+    model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
     model = peft.PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload()
     has_processor = any(
         (adapter / f).is_file() for f in ("processor_config.json", "tokenizer.json")
     )
-    processor = load_processor(str(adapter) if has_processor else base)
+    processor = load_processor(
+        str(adapter) if has_processor else base, trust_remote_code=trust_remote_code
+    )
     return save_hf_folder(merged, processor, out)
