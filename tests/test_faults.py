@@ -20,7 +20,7 @@ from automodel.errors import UsageError
 from automodel.training.checkpoint import CheckpointManager, verify_dir
 from automodel.training.run_lock import LOCK_FILE, STALE_AFTER_S, RunLock
 from automodel.training.signals import IgnoreStopSignals, StopOnSignal, workers_starting
-from tests.conftest import run_cli, start_cli
+from tests.conftest import ROOT, run_cli, start_cli
 from tests.test_resume import finetune_args, ok, records
 
 
@@ -287,12 +287,15 @@ def assert_stopped_cleanly(code, output, out, step, sig):
 @pytest.mark.parametrize(
     "phase,sig,nproc",
     [
-        ("training", signal.SIGINT, 1),
-        ("validation", signal.SIGTERM, 1),
-        ("evaluation", signal.SIGINT, 1),
-        ("training", signal.SIGTERM, 2),
-        ("validation", signal.SIGINT, 2),
-        ("evaluation", signal.SIGTERM, 2),
+        pytest.param(phase, sig, nproc, id=f"{phase}-{sig.name}-{nproc}rank")
+        for phase, sig, nproc in [
+            ("training", signal.SIGINT, 1),
+            ("validation", signal.SIGTERM, 1),
+            ("evaluation", signal.SIGINT, 1),
+            ("training", signal.SIGTERM, 2),
+            ("validation", signal.SIGINT, 2),
+            ("evaluation", signal.SIGTERM, 2),
+        ]
     ],
 )
 def test_a_signal_to_the_process_group_checkpoints_and_stops(
@@ -315,3 +318,44 @@ def test_a_signal_to_the_process_group_checkpoints_and_stops(
     if nproc == 2:
         resumed = ok(run_cli(*args[:-1], "--step_scheduler.max_steps=8", args[-1]))
         assert f"resuming from {out / f'step_{step:06d}'}" in resumed.stdout
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="SIGTERM"),
+        pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow),
+    ],
+)
+def test_a_signal_during_generation_keeps_the_finished_predictions(sig, tmp_path, tiny_gemma3):
+    """``automodel generate`` over a folder writes its predictions batch by batch: a SIGTERM or
+    Ctrl-C stops it without a traceback and the lines already written stay whole."""
+    out = tmp_path / "preds.jsonl"
+    log = tmp_path / "log"
+    proc = start_cli(
+        "generate",
+        "--model",
+        tiny_gemma3,
+        "--image",
+        ROOT / "examples/data/image_text/images",
+        "--prompt",
+        "Describe the shape.",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "48",
+        "--out",
+        out,
+        log=log,
+        new_group=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out.is_file() and out.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)
+    code = proc.wait(timeout=120)
+    assert code in (-sig, 128 + sig), log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    lines = out.read_text().splitlines()
+    assert 1 <= len(lines) < 9 and all(json.loads(line)["prediction"] is not None for line in lines)
