@@ -331,10 +331,14 @@ class FinetuneRecipeForVLM:
         limit = self.sections.step_scheduler.val_batches
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in self.feed.validation_batches(self.val_loader, limit):
-            batch = to_model(batch, self.model)
-            tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-            total += self.forward_loss(batch, 1).double()
+        # FSDP2 never reshards the root after its forward (a backward is expected next): without
+        # this, a checkpoint right after validation would find the root's parameters swapped for
+        # their gathered copies, which the optimizer does not hold (KeyError in its state dict).
+        with gathered(self.train_module):
+            for batch in self.feed.validation_batches(self.val_loader, limit):
+                batch = to_model(batch, self.model)
+                tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                total += self.forward_loss(batch, 1).double()
         total, tokens = all_reduce_sum(total), int(all_reduce_sum(tokens))
         return {"val_loss": float(total) / max(1, tokens), "val_tokens": tokens}
 
