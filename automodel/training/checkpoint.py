@@ -297,8 +297,9 @@ class CheckpointManager:
 
         The run's own newest complete step folder comes first (rerunning a command continues it):
         the one ``LATEST`` names, or a newer one when a crash came between its rename and
-        ``LATEST``. Then ``restore_from``, which may name a step folder or another run's
-        ``checkpoint_dir``. ``*.tmp`` folders are never candidates.
+        ``LATEST`` (rank 0 then finishes that save: see ``_catch_up``). Then ``restore_from``,
+        which may name a step folder or another run's ``checkpoint_dir``. ``*.tmp`` folders are
+        never candidates.
         """
         if not self.enabled:
             return None
@@ -308,6 +309,8 @@ class CheckpointManager:
                 print0(
                     f"note: checkpoint.restore_from is ignored: {self.dir} has its own {own.name}"
                 )
+            if rank_and_world_size()[0] == 0:
+                self._catch_up(own)
             return own
         if not restore_from:
             return None
@@ -393,6 +396,14 @@ class CheckpointManager:
         if best:
             _write_atomic(self.dir / "BEST", final.name + "\n")
         self._prune()
+
+    def _catch_up(self, step_dir: Path) -> None:
+        """What a save of ``step_dir`` does after its rename (``LATEST``, ``LOWEST_VAL``,
+        pruning), done again: a run killed in between never saves that step again, so its
+        pointers would stay behind (at the last step, for good)."""
+        if self.pointer("LATEST") != step_dir:
+            _write_atomic(self.dir / "LATEST", step_dir.name + "\n")
+        self._update_pointers(step_dir, read_meta(step_dir)["val_loss"], best=False)
 
     def _begin(self, tmp: Path, final: Path) -> None:
         for stale in self.dir.glob("step_*.tmp"):
