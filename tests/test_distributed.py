@@ -49,7 +49,10 @@ def _config(path: Path, model: Path, dataset: dict, out: Path, **changes) -> Pat
         "lr_scheduler": {"lr_decay_style": "constant"},
         "checkpoint": {"checkpoint_dir": str(out)},
     }
-    for dotted, value in changes.items():
+    for dotted, value in changes.items():  # section__key=value, or section=a whole section
+        if "__" not in dotted:
+            cfg[dotted] = value
+            continue
         section, key = dotted.split("__")
         cfg.setdefault(section, {})[key] = value
     path.write_text(yaml.safe_dump(cfg))
@@ -102,10 +105,20 @@ def single(tiny_gemma3, receipts_cfg, tmp_path_factory):
 def test_fsdp2_matches_one_process_and_resumes_on_two(single, tiny_gemma3, receipts_cfg, tmp_path):
     one_losses, one_run = single
     run = tmp_path / "run"
+    # Validation at the checkpoint steps: a checkpoint right after it must find the sharded
+    # parameters the optimizer holds, and the step-5 resume below (without validation) must
+    # still end bit for bit the same.
     cfg = _config(
-        tmp_path / "c.yaml", tiny_gemma3, receipts_cfg, run, distributed__strategy="fsdp2"
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        receipts_cfg,
+        run,
+        distributed__strategy="fsdp2",
+        validation_dataset={**receipts_cfg, "split": "validation", "limit": 2},
+        step_scheduler__val_every_steps=5,
     )
     losses = _train(cfg, 2, tmp_path)
+    assert (run / "validation.jsonl").read_text().count("val_loss") == 3  # steps 0, 5, 10
     _close(one_losses, losses)
 
     # final_model: an ordinary folder with the same weights as the single-process run's.

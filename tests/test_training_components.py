@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from automodel.errors import RunStopped, UsageError
+from automodel.training import checkpoint
 from automodel.training.checkpoint import (
     CheckpointManager,
     OptimizerState,
@@ -83,6 +84,37 @@ def test_checkpoints_pointers_and_pruning(tmp_path):
     assert CheckpointManager(tmp_path, enabled=False).find_resume() is None
     with pytest.raises(UsageError, match="keep_last_n=0"):
         CheckpointManager(tmp_path, keep_last_n=0)
+
+
+class Killed(BaseException):
+    """A SIGKILL, for the code under test: nothing catches it."""
+
+
+def test_a_save_killed_after_its_rename_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    """Killed between the step folder's rename and ``LATEST``: the rerun resumes from the new
+    folder, which it never saves again, so it first does what that save had left: ``LATEST``,
+    ``LOWEST_VAL`` (the new folder has the lowest validation loss) and pruning."""
+    manager = CheckpointManager(tmp_path, keep_last_n=1)
+    model = TiedModel()
+    manager.save(3, model, {}, {}, val_loss=2.0)
+    write_atomic = checkpoint._write_atomic
+
+    def killed_at_latest(path, text):
+        if path.name == "LATEST":
+            raise Killed
+        write_atomic(path, text)
+
+    monkeypatch.setattr(checkpoint, "_write_atomic", killed_at_latest)
+    with pytest.raises(Killed):
+        manager.save(6, model, {}, {}, val_loss=1.0)
+    monkeypatch.undo()
+    assert (tmp_path / "LATEST").read_text() == "step_000003\n"
+
+    rerun = CheckpointManager(tmp_path, keep_last_n=1)
+    assert rerun.find_resume() == tmp_path / "step_000006"
+    assert (tmp_path / "LATEST").read_text() == "step_000006\n"
+    assert (tmp_path / "LOWEST_VAL").read_text() == "step_000006\n"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000006"]
 
 
 def test_weights_load_strictly_with_tied_tensors(tmp_path):

@@ -412,7 +412,8 @@ class CheckpointManager:
 
         The run's own newest intact step folder comes first (rerunning a command continues it):
         the one ``LATEST`` names, or a newer one when a crash came between its rename and
-        ``LATEST``. A damaged one (``verify_step``) is named, moved aside as
+        ``LATEST`` (rank 0 then finishes that save: ``_catch_up``). A damaged one (``verify_step``)
+        is named, moved aside as
         ``step_NNNNNN.damaged``, and the one before it tried. Then ``restore_from``, which may
         name a step folder or another run's ``checkpoint_dir``. ``*.tmp`` folders are never
         candidates. Rank 0 reads and verifies; every rank gets its answer.
@@ -460,8 +461,7 @@ class CheckpointManager:
         for path in reversed(self.step_folders()):
             problem = verify_step(path)
             if problem is None:
-                if named != path.name:  # lost, damaged or behind: it names the resumed one
-                    _write_atomic(latest, path.name + "\n")
+                self._catch_up(path)
                 return path.name, None
             aside = _move_aside(path)
             damaged.append(path.name)
@@ -546,6 +546,15 @@ class CheckpointManager:
         if best:
             _write_atomic(self.dir / "BEST", final.name + "\n")
         self._prune()
+
+    def _catch_up(self, step_dir: Path) -> None:
+        """What a save of ``step_dir`` does after its rename (``LATEST``, ``LOWEST_VAL``,
+        pruning), done again: a run killed in between never saves that step again, so its
+        pointers would stay behind (at the last step, for good). ``LATEST`` also comes back
+        from a folder found damaged or missing."""
+        if self.pointer("LATEST") != step_dir:
+            _write_atomic(self.dir / "LATEST", step_dir.name + "\n")
+        self._update_pointers(step_dir, read_meta(step_dir)["val_loss"], best=False)
 
     def _begin(self, tmp: Path, final: Path) -> None:
         for stale in self.dir.glob("step_*.tmp"):
