@@ -413,10 +413,10 @@ class CheckpointManager:
         The run's own newest intact step folder comes first (rerunning a command continues it):
         the one ``LATEST`` names, or a newer one when a crash came between its rename and
         ``LATEST`` (rank 0 then finishes that save: ``_catch_up``). A damaged one (``verify_step``)
-        is named, moved aside as
-        ``step_NNNNNN.damaged``, and the one before it tried. Then ``restore_from``, which may
-        name a step folder or another run's ``checkpoint_dir``. ``*.tmp`` folders are never
-        candidates. Rank 0 reads and verifies; every rank gets its answer.
+        is named, moved aside as ``step_NNNNNN.damaged``, and the one before it tried. Then
+        ``restore_from``, which may name a step folder or another run's ``checkpoint_dir``.
+        ``*.tmp`` folders are never candidates. Rank 0 reads and verifies; every rank gets its
+        answer.
 
         Raises:
             UsageError: the folder holds checkpoints (or a ``LATEST``) but none is intact: the
