@@ -624,6 +624,17 @@ def main() -> None:
         sizes, configs, args.no_lever_rows = GPU_SIZES, ["b"], True
         args.rounds, args.warmup = 1, 2
         args.steps, args.global_batch, args.local_batch = 10, 4, 4
+    if args.bf16 and not args.gpu:
+        import torch
+
+        from automodel.models.forward import cpu_has_fast_matmul
+
+        if not cpu_has_fast_matmul(torch.bfloat16):
+            # Both sides would crawl: automodel refuses such a run, TRL's autocast would run it.
+            raise SystemExit(
+                "--bf16: this CPU has no native bf16 matrix products (torch's oneDNN path needs "
+                "AVX512 or AMX); its fallback runs them many times slower than fp32 on both sides"
+            )
     twin = "gemma3"
     if args.image_tokens:
         sizes, twin = with_image_tokens(sizes, args.image_tokens), f"gemma3_img{args.image_tokens}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from automodel.datasets.samplers import LengthGroupedSampler, estimate_lengths
 from automodel.errors import UsageError
@@ -451,8 +452,10 @@ def test_compile_gives_the_same_loss(tmp_path, tiny_gemma3, receipts):
 def test_cpu_attention_runs_in_fp32_under_bf16_autocast(
     tmp_path, tiny_gemma3, receipts, monkeypatch
 ):
-    from automodel.models import attention
+    from automodel.models import attention, forward
 
+    # bf16 autocast runs here even on a CPU without native bf16 (slow there, but the twin is tiny).
+    monkeypatch.setattr(forward, "cpu_has_fast_matmul", lambda dtype: True)
     seen = []
 
     def recording(module, query, *args, **kwargs):
@@ -475,6 +478,47 @@ def test_cpu_attention_runs_in_fp32_under_bf16_autocast(
     # The same loss within bf16's precision, with or without the switch.
     assert losses["fp32"] == pytest.approx(losses["bf16"], rel=1e-2)
     assert losses["fp32"] == pytest.approx(losses["none"], rel=1e-2)
+
+
+def test_cpu_autocast_is_refused_where_torch_multiplies_in_its_slow_fallback():
+    """bf16 / fp16 autocast on a CPU runs only where torch has native matrix products for it;
+    elsewhere (an AVX2-only CPU) its fallback multiplies many times slower than fp32."""
+    from automodel.models.forward import autocast_dtype, cpu_has_fast_matmul
+
+    def fastest(x: torch.Tensor) -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    cpu, a = torch.device("cpu"), torch.randn(128, 128)
+    for mode, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if cpu_has_fast_matmul(dtype):
+            assert autocast_dtype(mode, cpu) is dtype
+            continue
+        # Why it is refused (measured on an AVX2-only CPU: 100x and more at this size).
+        assert fastest(a.to(dtype)) > 3 * fastest(a)
+        with pytest.raises(UsageError, match=rf"^precision.autocast={mode}: this CPU has no "):
+            autocast_dtype(mode, cpu)
+    assert autocast_dtype("auto", cpu) is None  # auto never asks a CPU for bf16
+
+
+def test_cpu_autocast_refusal_is_one_line_before_anything_loads(
+    tmp_path, receipts, monkeypatch, capsys
+):
+    from automodel.cli import main
+    from automodel.models import forward
+
+    monkeypatch.setattr(forward, "cpu_has_fast_matmul", lambda dtype: False)
+    cfg = config(tmp_path / "no-model", receipts, tmp_path / "run", precision={"autocast": "bf16"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["finetune", "vlm", "-c", str(tmp_path / "run.yaml")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: precision.autocast=bf16: "), lines
+    assert lines[0].endswith("set precision.autocast=none")
+    assert not (tmp_path / "run").exists()  # no run folder, no model loaded
 
 
 # --------------------------------------------------------------------------- the benchmark

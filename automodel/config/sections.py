@@ -180,7 +180,9 @@ class PrecisionConfig(Section):
     autocast: Autocast = field(
         default="auto",
         metadata=doc(
-            "`auto`: bf16 on GPUs that support it, none on CPU; or `bf16`, `fp16`, `none`"
+            "`auto`: bf16 on GPUs that support it, none on CPU; or `bf16`, `fp16`, `none` "
+            "(on a CPU, `bf16` / `fp16` only where torch has native kernels for them: AVX512 or "
+            "AMX; refused elsewhere, where they run many times slower than fp32)"
         ),
     )
     fp32_attention_on_cpu: bool = field(

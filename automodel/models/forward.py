@@ -30,12 +30,34 @@ def to_model(batch: dict, model) -> dict:
     }
 
 
+def cpu_has_fast_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies ``dtype`` (bf16 / fp16) matrices with oneDNN on this CPU.
+
+    oneDNN's bf16 kernels need AVX512 (BW, VL, DQ), AVX-NE-CONVERT or AMX; its fp16 ones
+    AVX512-FP16, AVX-NE-CONVERT or AMX-FP16. Without them torch multiplies in a generic fallback
+    loop: on an AVX2-only CPU (AMD EPYC, torch 2.14) 10-60x slower than fp32 for a decoder's
+    shapes, and a bf16 convolution 7-20x slower. The check is torch's own
+    (``mkldnn_bf16_device_check``, which ``aten/src/ATen/native/mkldnn/Matmul.cpp`` consults
+    before its bf16 / fp16 kernels; it also gates torch's CPU bf16 tests).
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """The dtype of ``precision.autocast`` (``auto``, ``bf16``, ``fp16``, ``none``) on ``device``.
 
     ``auto`` is bf16 on a CUDA device that supports it and no autocast elsewhere. On a CPU, bf16
     is fast only with AMX units (there, 3-10x fp32's matmul throughput) and changes every
-    matmul's numerics, so a CPU run gets it only when the config asks for ``bf16``.
+    matmul's numerics, so a CPU run gets it only when the config asks for ``bf16``; on a CPU
+    without native bf16 / fp16 matrix products (``cpu_has_fast_matmul``) that is refused, as
+    each step would run many times slower than in fp32.
+
+    Raises:
+        UsageError: an unknown mode, or bf16 / fp16 on a CPU without native matrix products.
     """
     if mode not in get_args(Autocast):
         raise UsageError(
@@ -46,19 +68,24 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    if device.type == "cpu" and not cpu_has_fast_matmul(dtype):
+        raise UsageError(
+            f"precision.autocast={mode}: this CPU has no native {mode} matrix products (torch's "
+            "oneDNN kernels need AVX512 or AMX), and torch's fallback runs them 10-60x slower "
+            "than fp32; set precision.autocast=none"
+        )
+    return dtype
 
 
 def apply_precision(
-    model: nn.Module, precision: PrecisionConfig, device: torch.device
-) -> torch.dtype | None:
-    """The config's ``precision`` section for ``model`` on ``device``: the autocast dtype (None:
-    no autocast), and under CPU autocast, attention in fp32 unless
-    ``precision.fp32_attention_on_cpu`` is false (see ``models/attention.py``)."""
-    dtype = autocast_dtype(precision.autocast, device)
+    model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None, device: torch.device
+) -> None:
+    """The config's ``precision`` section for ``model`` on ``device``, whose autocast dtype is
+    ``dtype`` (``autocast_dtype``; None: no autocast): under CPU autocast, attention in fp32
+    unless ``precision.fp32_attention_on_cpu`` is false (see ``models/attention.py``)."""
     if dtype is not None and device.type == "cpu":
         fp32_attention_on_cpu(model, precision.fp32_attention_on_cpu)
-    return dtype
 
 
 def label_logits(model, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from automodel.distributed.parallelize import gathered, gradient_sync, is_sharde
 from automodel.errors import RunStopped, UsageError
 from automodel.eval.periodic import build_periodic_evaluator
 from automodel.models.compile import compile_model
-from automodel.models.forward import apply_precision, to_model
+from automodel.models.forward import apply_precision, autocast_dtype, to_model
 from automodel.models.freeze import count_parameters, vision_modules
 from automodel.models.vision_cache import build_vision_cache
 from automodel.recipes.vlm.builders import (
@@ -98,6 +98,8 @@ class FinetuneRecipeForVLM:
             print0(notice)
         self.dist = init_distributed(sections.dist_env)
         self.device = self.dist.device
+        # Before anything loads: bf16 / fp16 autocast on a CPU without native kernels is refused.
+        self.autocast_dtype = autocast_dtype(sections.precision.autocast, self.device)
         self.setup_run_folder(sections.checkpoint)
         self.rng = build(cfg, "rng")
         run_prepare(cfg, self.dist.local_rank)
@@ -124,7 +126,7 @@ class FinetuneRecipeForVLM:
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, self.max_steps, sections.lr_scheduler
         )
-        self.autocast_dtype = apply_precision(self.model, sections.precision, self.device)
+        apply_precision(self.model, sections.precision, self.autocast_dtype, self.device)
         self.guard = NonFiniteGuard(steps.max_consecutive_nonfinite)
         self.step = 0
         self.data_wait = DataWait(cfg["dataloader"].get("num_workers", 0))
