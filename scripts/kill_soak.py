@@ -20,8 +20,9 @@ left a write half done: a ``*.tmp`` entry it created, or ``LATEST`` behind the n
 
 A kill stops every process of the run at once: the command's process group (with one process,
 the trainer and its loader worker) and, under ``--nproc-per-node``, the group each rank leads
-(torch's agent starts every rank in a session of its own, so the command's group alone would
-leave the ranks running).
+(torch's agent starts every rank in a session of its own: a SIGKILL to the command's group alone
+leaves the ranks training on, orphaned). The groups are collected once the run has logged a
+step, so that the kill itself is a few ``killpg`` calls in a row.
 
 At the end the soaked run must match the reference exactly: every tensor of
 ``final_model/model.safetensors`` equal (``torch.equal``, no tolerance), ``training.jsonl`` and
@@ -249,26 +250,25 @@ def describe_tmp(path: Path) -> str:
     return f"{path.name} [{', '.join(files) or 'empty'}]"
 
 
-def kill_run(proc: subprocess.Popen) -> None:
-    """SIGKILL to every process of a run, at once: its own group and each rank's group.
-
-    The command's group is stopped first, so that nothing new starts while the ranks' groups
-    are collected; each rank's group is stopped as it is found. Raises if a process survives.
-    """
-    os.killpg(proc.pid, signal.SIGSTOP)
-    groups, members = {proc.pid}, []
+def process_groups(proc: subprocess.Popen) -> set[int]:
+    """The run's process groups: the command's own and the one each rank leads (with its loader
+    workers, which a rank starts in its own group)."""
+    groups = {proc.pid}
     try:
         members = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        pass
+        return groups
     for member in members:
         try:
-            group = os.getpgid(member.pid)
+            groups.add(os.getpgid(member.pid))
         except ProcessLookupError:
             continue
-        if group not in groups:
-            groups.add(group)
-            os.killpg(group, signal.SIGSTOP)
+    return groups
+
+
+def kill_run(proc: subprocess.Popen, groups: set[int]) -> None:
+    """SIGKILL to every process of a run at once: each of its process groups (collected before
+    the moment, so that no time passes between the kills). Raises if a process survives."""
     for group in groups:
         try:
             os.killpg(group, signal.SIGKILL)
@@ -276,17 +276,17 @@ def kill_run(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     deadline = time.monotonic() + 30
-    while alive := [p.pid for p in members if _alive(p)]:
+    while left := [p.pid for p in psutil.process_iter() if _in_groups(p, groups)]:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"processes of the killed run survived: {alive}")
+            raise RuntimeError(f"processes of the killed run survived: {left}")
         time.sleep(0.01)
 
 
-def _alive(process: psutil.Process) -> bool:
-    """Running, and not a zombie waiting for a parent that may never reap it."""
+def _in_groups(process: psutil.Process, groups: set[int]) -> bool:
+    """In one of ``groups`` and not a zombie (which a parent that died will never reap)."""
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return os.getpgid(process.pid) in groups and process.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return False
 
 
@@ -330,11 +330,12 @@ def attempt(
     deadline = started + ATTEMPT_TIMEOUT_S
     proc = start(cmd, log)
     try:
-        if kind is not None and _wait_for_moment(
-            proc, out, log, kind, steps, span, rng, before, deadline
-        ):
+        groups = None
+        if kind is not None:
+            groups = _wait_for_moment(proc, out, log, kind, steps, span, rng, before, deadline)
+        if groups is not None:
             seconds = time.monotonic() - started
-            kill_run(proc)
+            kill_run(proc, groups)
             logged = logged_steps(log)
             return Kill(
                 attempt=index,
@@ -349,7 +350,7 @@ def attempt(
         raise RuntimeError(f"{log} ran past {ATTEMPT_TIMEOUT_S}s") from None
     finally:
         if proc.poll() is None:
-            kill_run(proc)
+            kill_run(proc, process_groups(proc))
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{log.name} exited with code {code}:\n{tail}")
@@ -366,23 +367,26 @@ def _wait_for_moment(
     rng: random.Random,
     before: Snapshot,
     deadline: float,
-) -> bool:
-    """Waits for the moment to kill; False when the run ended first.
+) -> set[int] | None:
+    """Waits for the moment to kill; returns the run's process groups then, or None when the
+    run ended first.
 
     First a step the attempt logs, drawn from the next ``span`` (never the last two); then a
     random moment within about one step ("random"), or the checkpoint write's STAGE.
     """
     if not wait_until(proc, lambda: logged_steps(log), deadline, 0.02):
-        return False
+        return None
+    groups = process_groups(proc)  # every rank runs once a step is logged
     first = logged_steps(log)[0]
     target = min(rng.randint(first, first + span), steps - 2)
     if not wait_until(proc, lambda: logged_steps(log)[-1] >= target, deadline, 0.02):
-        return False
+        return None
     if kind == "random":
         time.sleep(rng.uniform(0.0, 1.0))  # forward, backward, validation, a save, the loader
-        return proc.poll() is None
+        return groups if proc.poll() is None else None
     stage = kind.split(":")[1]
-    return wait_until(proc, lambda: stage in before.stages(out), deadline, POLL_S)
+    found = wait_until(proc, lambda: stage in before.stages(out), deadline, POLL_S)
+    return groups if found else None
 
 
 def records(path: Path) -> list[dict]:
