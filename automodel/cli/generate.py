@@ -33,22 +33,29 @@ def add_parsers(sub, parents) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--batch-size", default="8", metavar="N", help="default 8")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the weights' dtype: auto (as saved, the default), bfloat16, float16 or float32",
+    )
 
 
 def run_generate(ns, overrides: list[str]) -> int:
     if (ns.image is None) == (ns.jsonl is None):
         raise UsageError("give one of --image (a file or a folder) and --jsonl")
     batch_size = positive("--batch-size", ns.batch_size)
+    from automodel.common import parse_dtype
     from automodel.generation import (
         generate_reply,
         generate_to_jsonl,
         item_messages,
         read_generation_inputs,
     )
-    from automodel.models.auto import AutoModelForImageTextToText, load_processor
+    from automodel.models.auto import load_for_inference, load_processor
 
+    dtype = parse_dtype(ns.dtype, "--dtype", allow_auto=True)
     items = read_generation_inputs(ns.image, ns.jsonl, ns.prompt)
-    model = AutoModelForImageTextToText.from_pretrained(str(ns.model))
+    model = load_for_inference(str(ns.model), dtype)
     processor = load_processor(str(ns.model))
     if ns.jsonl is None and ns.image.is_file() and ns.out is None:
         print(generate_reply(model, processor, item_messages(items[0]), ns.max_new_tokens))

@@ -78,6 +78,19 @@ class AutoModelForImageTextToText:
             ) from None
 
 
+def load_for_inference(pretrained_model_name_or_path: str, dtype: Any = "auto"):
+    """A saved model ready to generate: in the dtype it was saved in (``auto``) unless told
+    otherwise, on the GPU when there is one.
+
+    A bfloat16 checkpoint then takes its own size in memory, not twice that as float32.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(
+        pretrained_model_name_or_path, torch_dtype=dtype
+    )
+    return model.to(device)
+
+
 def load_processor(pretrained_model_name_or_path: str, **kwargs: Any):
     """Loads the processor (tokenizer, image processor, chat template) of a model.
 
