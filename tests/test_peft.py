@@ -139,6 +139,40 @@ torch.save(logits, {str(tmp_path / "fresh.pt")!r})
     assert torch.allclose(torch.load(tmp_path / "fresh.pt"), adapter_logits, atol=1e-6)
 
 
+def test_merge_lora_keeps_a_bf16_base_in_bf16(tmp_path):
+    # A bf16 base is merged and saved as bf16 (no float32 copy of the whole model, a merged
+    # folder the base's size), equal to the in-memory merge of the training run's final_model;
+    # a saved model then loads for generation in the dtype it was saved in.
+    from transformers import AutoProcessor
+
+    from automodel.models.auto import load_for_inference
+    from automodel.recipes.vlm.export import merge_lora
+    from automodel.training.checkpoint import save_hf_folder
+    from automodel.twins import make_tiny
+
+    base = make_tiny("gemma3", tmp_path / "base", dtype="bfloat16", vocab_size=1024)
+    peft_model = apply_lora(
+        AutoModelForImageTextToText.from_pretrained(base, dtype="auto"), LoraConfig(r=4, alpha=8)
+    )
+    _randomise_adapters(peft_model)
+    processor = AutoProcessor.from_pretrained(base)
+    adapter = save_hf_folder(peft_model, processor, tmp_path / "adapter")
+    out = merge_lora(str(base), adapter, tmp_path / "merged")
+
+    size, base_size = (
+        (out / "model.safetensors").stat().st_size,
+        (base / "model.safetensors").stat().st_size,
+    )
+    assert abs(size - base_size) < 0.01 * base_size
+    merged = load_for_inference(str(out))
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    in_memory = merge(peft_model).state_dict()
+    assert all(torch.equal(t, in_memory[k]) for k, t in merged.state_dict().items())
+    assert {p.dtype for p in load_for_inference(str(out), torch.float32).parameters()} == {
+        torch.float32
+    }
+
+
 def test_merge_in_place_returns_plain_model(model):
     peft_model = apply_lora(model, LoraConfig(r=2))
     merged = merge(peft_model)

@@ -215,6 +215,33 @@ def test_size_overrides(tmp_path):
     assert math.isfinite(model(**batch, labels=batch["input_ids"]).loss.item())
 
 
+def test_bfloat16_twin_is_built_and_saved_in_bfloat16(tmp_path):
+    # A real-shape twin (benchmarks/real_shape.py) must never exist as a float32 copy: its
+    # weights are created in bf16, saved as bf16, and the config says so.
+    path = make_tiny("gemma3", tmp_path / "bf16", dtype="bfloat16", vocab_size=1024)
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.dtype == torch.bfloat16
+    # The dtype is part of the build record: a float32 twin in the folder is not reused.
+    f32 = make_tiny("gemma3", tmp_path / "bf16", reuse=True, vocab_size=1024)
+    model = AutoModelForImageTextToText.from_pretrained(f32, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_qwen2_5_vl_twin_ties_embeddings_and_sets_full_attention_blocks(tmp_path):
+    path = make_tiny(
+        "qwen2_5_vl",
+        tmp_path,
+        tie_word_embeddings=True,
+        vision_num_hidden_layers=3,
+        fullatt_block_indexes=[0, 2],
+    )
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    assert model.config.vision_config.fullatt_block_indexes == [0, 2]
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
 def test_vocabulary_past_the_corpus_is_filled_with_plain_entries():
     # Gemma 3's 262k vocabulary is a BPE vocabulary, not 260k added tokens (which cost ~0.5 GB
     # to load): the twin fills what the corpus does not reach with entries no merge produces.

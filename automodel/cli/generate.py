@@ -39,12 +39,18 @@ def add_parsers(sub, parents) -> None:
         help="run the model folder's own Python code (auto_map in its config); only for "
         "folders you trust",
     )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the weights' dtype: auto (as saved, the default), bfloat16, float16 or float32",
+    )
 
 
 def run_generate(ns, overrides: list[str]) -> int:
     if (ns.image is None) == (ns.jsonl is None):
         raise UsageError("give one of --image (a file or a folder) and --jsonl")
     batch_size = positive("--batch-size", ns.batch_size)
+    from automodel.common import parse_dtype
     from automodel.generation import (
         check_prompts,
         generate_reply,
@@ -52,13 +58,14 @@ def run_generate(ns, overrides: list[str]) -> int:
         item_messages,
         read_generation_inputs,
     )
-    from automodel.models.auto import AutoModelForImageTextToText, load_processor
+    from automodel.models.auto import load_for_inference, load_processor
 
+    dtype = parse_dtype(ns.dtype, "--dtype", allow_auto=True)
     items = read_generation_inputs(ns.image, ns.jsonl, ns.prompt)
     trust = ns.trust_remote_code
     processor = load_processor(str(ns.model), trust_remote_code=trust)
     check_prompts(processor, items)  # before the model loads
-    model = AutoModelForImageTextToText.from_pretrained(str(ns.model), trust_remote_code=trust)
+    model = load_for_inference(str(ns.model), dtype, trust_remote_code=trust)
     if ns.jsonl is None and ns.image.is_file() and ns.out is None:
         print(generate_reply(model, processor, item_messages(items[0]), ns.max_new_tokens))
         return 0

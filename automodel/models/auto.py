@@ -89,6 +89,21 @@ class AutoModelForImageTextToText:
             raise _load_error(name, "model", e) from None
 
 
+def load_for_inference(
+    pretrained_model_name_or_path: str, dtype: Any = "auto", trust_remote_code: bool = False
+):
+    """A saved model ready to generate: in the dtype it was saved in (``auto``) unless told
+    otherwise, on the GPU when there is one.
+
+    A bfloat16 checkpoint then takes its own size in memory, not twice that as float32.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(
+        pretrained_model_name_or_path, torch_dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model.to(device)
+
+
 def load_processor(
     pretrained_model_name_or_path: str, trust_remote_code: bool = False, **kwargs: Any
 ):

@@ -23,10 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from automodel import artifacts
+from automodel.common import parse_dtype
 from automodel.errors import UsageError
 from automodel.twins import gemma3, idefics3, llava, qwen_vl
-from automodel.twins.common import HubTemplate
+from automodel.twins.common import HubTemplate, default_dtype
 from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.gemma4 import CHAT_TEMPLATE as GEMMA4_TEMPLATE
 from automodel.twins.gemma4 import build_gemma4
@@ -85,7 +88,12 @@ TWIN_TEMPLATES: dict[str, HubTemplate] = {
 
 
 def make_tiny(
-    family: str, out_dir: str | Path, seed: int = 0, reuse: bool = False, **overrides: Any
+    family: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    reuse: bool = False,
+    dtype: str = "float32",
+    **overrides: Any,
 ) -> Path:
     """Write a tiny, randomly initialised twin of a real VLM family as a Hugging Face folder.
 
@@ -95,7 +103,9 @@ def make_tiny(
             overwritten.
         seed: Seed for the random weights. The same seed gives byte-identical files.
         reuse: Return ``out_dir`` untouched when it already holds a twin built with the same
-            family, seed and overrides.
+            family, seed, dtype and overrides.
+        dtype: The weights' dtype (``float32``, ``bfloat16``, ``float16``); the weights are
+            created in it, never as a float32 copy first.
         **overrides: Size settings replacing the family's defaults (e.g. ``hidden_size=128``,
             ``num_hidden_layers=2``, ``image_size=64``, ``vocab_size=1024``).
 
@@ -106,10 +116,14 @@ def make_tiny(
     if family not in TWIN_FAMILIES:
         raise UsageError(f"unknown tiny model family {family!r}; known: {', '.join(TWIN_FAMILIES)}")
     out = Path(out_dir)
+    torch_dtype = parse_dtype(dtype, "dtype")
     params = {"family": family, "seed": seed, "code": artifacts.code_version(__name__), **overrides}
+    if torch_dtype != torch.float32:  # recorded only when it is not the default
+        params["dtype"] = str(torch_dtype).removeprefix("torch.")
     if reuse and artifacts.is_built(out, "tiny-model", params):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    TWIN_FAMILIES[family](out, seed, **overrides)
+    with default_dtype(torch_dtype):
+        TWIN_FAMILIES[family](out, seed, **overrides)
     artifacts.mark_built(out, "tiny-model", params)
     return out

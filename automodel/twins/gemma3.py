@@ -192,7 +192,7 @@ def build_gemma3(out_dir: Path, seed: int, **overrides: Any) -> None:
         eoi_token_index=tokenizer.eoi_token_id,
         image_token_index=tokenizer.image_token_id,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
 
     init = functools.partial(_draw_projection, std=config.initializer_range)
     model = init_model(lambda: Gemma3ForConditionalGeneration(config), seed, init)

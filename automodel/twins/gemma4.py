@@ -262,7 +262,7 @@ def build_gemma4(out_dir: Path, seed: int, **overrides: Any) -> None:
         eoa_token_index=ids("<audio|>"),
         eos_token_id=stops.eos_token_id,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
 
     def init(model: PreTrainedModel) -> None:
         _init_like_trained(model, vision_config.initializer_range)

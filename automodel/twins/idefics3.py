@@ -141,7 +141,7 @@ def build_idefics3_like(out_dir: Path, seed: int, family: str, **overrides: Any)
         scale_factor=sizes["scale_factor"],
         image_token_id=tokenizer.image_token_id,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     model_cls = tf.SmolVLMForConditionalGeneration if smol else tf.Idefics3ForConditionalGeneration
     model = init_model(lambda: model_cls(config), seed)
     processor = _processor(smol, sizes, tokenizer, image_seq_len, template)

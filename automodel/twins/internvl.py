@@ -134,7 +134,7 @@ def _configs(sizes: dict, tokenizer) -> Any:
         vision_feature_select_strategy="default",
         tie_word_embeddings=True,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     return config
 
 

@@ -141,7 +141,7 @@ def _configs(sizes: dict, tokenizer) -> Any:
         downsample_factor=sizes["downsample_factor"],
         tie_word_embeddings=True,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     return config
 
 

@@ -87,7 +87,7 @@ def build_llava_like(out_dir: Path, seed: int, family: str, **overrides: Any) ->
         vision_feature_select_strategy=strategy,
         vision_feature_layer=layer,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     model = init_model(lambda: tf.LlavaForConditionalGeneration(config), seed)
     processor = tf.LlavaProcessor(
         image_processor=image_processor,

@@ -145,7 +145,7 @@ def _configs(sizes: dict, tokenizer) -> Any:
         multimodal_projector_bias=False,
         tie_word_embeddings=False,
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     return config
 
 

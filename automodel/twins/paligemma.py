@@ -91,6 +91,6 @@ def build_paligemma(out_dir: Path, seed: int, **overrides: Any) -> None:
         hidden_size=sizes["hidden_size"],
     )
     config.vision_config.projection_dim = sizes["hidden_size"]
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     model = init_model(lambda: PaliGemmaForConditionalGeneration(config), seed)
     save_twin(model, processor, out_dir, generation_config(tokenizer, ["<eos>"]))

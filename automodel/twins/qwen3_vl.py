@@ -209,7 +209,7 @@ def _qwen3_vl_config(sizes: dict, tokenizer):
         tie_word_embeddings=True,
         **qwen3_vision_ids(tokenizer),
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     return config
 
 

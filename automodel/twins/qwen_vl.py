@@ -51,6 +51,11 @@ QWEN_VL_DEFAULTS: dict[str, Any] = {
     # per 28x28 (2x2 merged 14-pixel patches): 4 to 16 tokens here.
     "min_pixels": 4 * 28 * 28,
     "max_pixels": 16 * 28 * 28,
+    # lm_head shares the input embedding (Qwen2.5-VL 3B's checkpoint does; the 7B's does not).
+    "tie_word_embeddings": False,
+    # Qwen2.5-VL: the tower blocks with full attention, the others attend within windows
+    # (None: the last block only).
+    "fullatt_block_indexes": None,
 }
 
 
@@ -93,14 +98,17 @@ def _qwen_configs(family: str, sizes: dict, text: dict) -> tuple[Any, Any, tuple
         "temporal_patch_size": 2,
     }
     if family == "qwen2_5_vl":
+        full_attention = sizes["fullatt_block_indexes"]
+        if full_attention is None:
+            full_attention = [sizes["vision_num_hidden_layers"] - 1]
         vision_config = tf.Qwen2_5_VLVisionConfig(
             **vision,
             hidden_size=sizes["vision_hidden_size"],
             intermediate_size=sizes["vision_intermediate_size"],
             out_hidden_size=sizes["hidden_size"],
-            # Window attention in every block but the last, as in the real model.
+            # Window attention in the other blocks, as in the real model.
             window_size=112,
-            fullatt_block_indexes=[sizes["vision_num_hidden_layers"] - 1],
+            fullatt_block_indexes=list(full_attention),
         )
         classes = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
         return tf.Qwen2_5_VLTextConfig(**text), vision_config, classes
@@ -144,8 +152,9 @@ def build_qwen_vl(out_dir: Path, seed: int, family: str, **overrides: Any) -> No
         video_token_id=tokenizer.video_token_id,
         vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
         vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
+        tie_word_embeddings=sizes["tie_word_embeddings"],
     )
-    config.dtype = torch.float32
+    config.dtype = torch.get_default_dtype()
     model = init_model(lambda: model_cls(config), seed)
     pixels = {"min_pixels": sizes["min_pixels"], "max_pixels": sizes["max_pixels"]}
     processor = processor_cls(

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from automodel.config.sections import EvalConfig
 from automodel.errors import UsageError
 from automodel.eval.evaluate import EvalResult, default_out_dir, evaluate, write_outputs
 from automodel.eval.metrics import expand_metric_names
-from automodel.models.auto import AutoModelForImageTextToText, load_processor
+from automodel.models.auto import load_for_inference, load_processor
 from automodel.recipes.vlm.builders import build_dataset, chat_template_kwargs
 
 
@@ -57,11 +55,9 @@ def run_evaluation(
     metrics = eval_cfg.metrics
     metrics = None if metrics is None else expand_metric_names(metrics)
     dataset, split_name = evaluation_dataset(cfg, split)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The model folder runs its own code only when the config's model section allows it.
     trust = bool((cfg.get("model") or {}).get("trust_remote_code", False))
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), trust_remote_code=trust)
-    model = model.to(device)
+    model = load_for_inference(str(model_dir), trust_remote_code=trust)
     processor = load_processor(str(model_dir), trust_remote_code=trust)
     result = evaluate(
         model,

@@ -27,7 +27,11 @@ def merge_lora(
         raise UsageError(
             f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder)"
         )
-    model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust_remote_code)
+    # In the base's own dtype: a bfloat16 base merges and saves as bfloat16, with no float32
+    # copy of the whole model (twice the memory, and a merged model twice the size on disk).
+    model = AutoModelForImageTextToText.from_pretrained(
+        base, torch_dtype="auto", trust_remote_code=trust_remote_code
+    )
     model = peft.PeftModel.from_pretrained(model, str(adapter))
     merged = model.merge_and_unload()
     has_processor = any(
