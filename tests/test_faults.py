@@ -18,7 +18,7 @@ import torch
 from automodel.cli import main as cli_main
 from automodel.errors import UsageError
 from automodel.training.checkpoint import CheckpointManager, verify_dir
-from automodel.training.run_lock import LOCK_FILE, STALE_AFTER_S, RunLock
+from automodel.training.run_lock import LOCK_FILE, STALE_AFTER_S, UNWRITTEN_S, RunLock
 from automodel.training.signals import IgnoreStopSignals, StopOnSignal, workers_starting
 from tests.conftest import ROOT, run_cli, start_cli
 from tests.test_resume import finetune_args, ok, records
@@ -158,6 +158,12 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
     with pytest.raises(UsageError, match="another-host.*taken over 300 s later"):
         RunLock(tmp_path)
     write_lock(tmp_path, 1, "another-host", age_s=STALE_AFTER_S + 1)
+    RunLock(tmp_path).release()
+    assert not list(tmp_path.glob(f"{LOCK_FILE}*"))
+    # Left empty by a run killed between creating and writing it.
+    (tmp_path / LOCK_FILE).write_text("")
+    then = time.time() - UNWRITTEN_S - 1
+    os.utime(tmp_path / LOCK_FILE, (then, then))
     RunLock(tmp_path).release()
     assert not list(tmp_path.glob(f"{LOCK_FILE}*"))
 

@@ -22,6 +22,7 @@ from automodel.errors import UsageError
 LOCK_FILE = "LOCK"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+UNWRITTEN_S = 5.0  # an unreadable lock older than this was left by a run killed writing it
 
 
 def _process_start(pid: int) -> str | None:
@@ -68,7 +69,9 @@ class RunLock:
         self._thread.start()
 
     def _acquire(self) -> None:
-        for _ in range(3):
+        # Long enough for a lock left empty by a run killed while writing it to count as stale.
+        deadline = time.monotonic() + 3 * UNWRITTEN_S
+        while time.monotonic() < deadline:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -87,13 +90,17 @@ class RunLock:
 
     def _take_over_if_stale(self) -> None:
         """Moves a stale lock out of the way (one taker wins); refuses a live holder's."""
+        try:
+            seen = self.path.read_bytes()
+        except FileNotFoundError:
+            return
         holder = self._read(self.path)
         if holder is None:
             try:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 return
-            if age < 5:  # being written right now
+            if age < UNWRITTEN_S:  # being written right now, or left empty by a killed run
                 time.sleep(0.2)
                 return
             holder = {"pid": None, "host": "?", "started": "?"}
@@ -112,7 +119,7 @@ class RunLock:
             self.path.rename(taken)
         except FileNotFoundError:
             return  # another run took it first
-        if self._read(taken) != holder:  # a live lock written after ours was read: put it back
+        if taken.read_bytes() != seen:  # a live lock written after ours was read: put it back
             taken.rename(self.path)
             return
         taken.unlink()
