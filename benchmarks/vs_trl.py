@@ -632,7 +632,7 @@ def main() -> None:
         if not cpu_has_fast_matmul(torch.bfloat16):
             # Both sides would crawl: automodel refuses such a run, TRL's autocast would run it.
             raise SystemExit(
-                "--bf16: this CPU has no native bf16 matrix products (torch's oneDNN path needs "
+                "--bf16: this CPU has no native bf16 matrix products (torch's oneDNN kernels need "
                 "AVX512 or AMX); its fallback runs them many times slower than fp32 on both sides"
             )
     twin = "gemma3"
