@@ -114,14 +114,16 @@ SMOKE = {
 class Model:
     """One benchmarked model: its twin family, real sizes, image and example config."""
 
-    def __init__(self, family: str, sizes: dict, image: tuple[int, int], attention: str):
+    def __init__(self, family: str, sizes: dict, image: tuple[int, int], attention: str | dict):
         self.family, self.sizes, self.image, self.attention = family, sizes, image, attention
 
 
 MODELS = {
-    # The example configs' attention (gemma3_4b_it_cord_v2_peft.yaml: eager, Gemma 3's
-    # recommendation for training; qwen2_5_vl_3b_instruct_cord_v2_peft.yaml: sdpa).
-    "gemma3": Model("gemma3", GEMMA3_4B, (896, 896), "eager"),
+    # The example configs' attention (gemma3_4b_it_cord_v2_peft.yaml: eager in the decoder, sdpa
+    # in the tower; qwen2_5_vl_3b_instruct_cord_v2_peft.yaml: sdpa).
+    "gemma3": Model(
+        "gemma3", GEMMA3_4B, (896, 896), {"text_config": "eager", "vision_config": "sdpa"}
+    ),
     "qwen2_5_vl": Model("qwen2_5_vl", QWEN2_5_VL_3B, (1024, 768), "sdpa"),
 }
 

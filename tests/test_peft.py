@@ -173,6 +173,57 @@ def test_merge_lora_keeps_a_bf16_base_in_bf16(tmp_path):
     }
 
 
+def _lora_grads(tiny_gemma3, batch, checkpointing: bool) -> tuple[dict, list[bool]]:
+    """LoRA gradients of one training step's loss, and whether the frozen tower's output
+    required grad, with or without activation checkpointing."""
+    from automodel.config.sections import FreezeConfig
+    from automodel.distributed.parallelize import parallelize
+    from automodel.models.freeze import apply_freeze, vision_modules
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_gemma3)
+    apply_freeze(base, FreezeConfig(freeze_vision_tower=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same lora_A in both models
+        peft_model = apply_lora(base, LoraConfig(r=4, alpha=8))
+    _randomise_adapters(peft_model)
+    parallelize(peft_model, None, strategy="none", activation_checkpointing=checkpointing)
+    peft_model.train()
+    towers = vision_modules(peft_model)
+    for tower in towers:
+        tower.eval()  # as the recipe keeps a frozen tower
+    tower_grad = []
+    towers[-1].register_forward_hook(lambda m, i, out: tower_grad.append(out[0].requires_grad))
+    peft_model(**batch).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    return grads, tower_grad
+
+
+def test_activation_checkpointing_keeps_a_frozen_tower_out_of_autograd(tiny_gemma3):
+    # transformers' checkpointing made every input embedding's output require grad, a frozen
+    # tower's patch embedding too, and the tower then kept every layer's activations (2 GB a
+    # layer for Gemma 3 at 896 px). Without that hook the adapters' gradients are the same.
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from automodel.datasets.collate import default_collate_fn
+
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    user = [{"type": "image", "image": image}, {"type": "text", "text": "Read it."}]
+    reply = [{"type": "text", "text": "A red receipt with a total of 9,000."}]
+    sample = {
+        "conversation": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    }
+    batch = default_collate_fn([sample], AutoProcessor.from_pretrained(tiny_gemma3))
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    plain, plain_tower = _lora_grads(tiny_gemma3, batch, checkpointing=False)
+    recomputed, recomputed_tower = _lora_grads(tiny_gemma3, batch, checkpointing=True)
+    assert plain_tower == recomputed_tower == [False]
+    assert plain.keys() == recomputed.keys() and len(plain) > 0
+    for name, grad in plain.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert torch.allclose(grad, recomputed[name], atol=1e-6, rtol=1e-5), name
+
+
 def test_merge_in_place_returns_plain_model(model):
     peft_model = apply_lora(model, LoraConfig(r=2))
     merged = merge(peft_model)

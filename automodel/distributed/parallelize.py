@@ -113,10 +113,17 @@ def parallelize(
 def _enable_recomputation(module: nn.Module) -> None:
     """transformers' non-reentrant gradient checkpointing on the first model found inside."""
     for candidate in module.modules():
-        if hasattr(candidate, "gradient_checkpointing_enable"):
-            candidate.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+        if hasattr(candidate, "activation_checkpointing_enable"):
+            candidate.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
+            # transformers then makes the output of every input embedding require grad, the
+            # vision tower's patch embedding included: reentrant checkpointing needs that to
+            # reach adapters behind frozen inputs, the non-reentrant kind used here does not. A
+            # frozen tower (kept in eval mode, so never recomputed) would record its whole
+            # forward for a backward that updates nothing: with Gemma 3's tower at 896 px and
+            # eager attention, about 2 GB of saved activations per layer.
+            candidate.disable_input_require_grads()
             return
 
 

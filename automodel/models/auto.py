@@ -34,7 +34,7 @@ class AutoModelForImageTextToText:
         pretrained_model_name_or_path: str,
         torch_dtype: Any = None,
         dtype: Any = None,
-        attn_implementation: str | None = None,
+        attn_implementation: str | dict | None = None,
         trust_remote_code: bool = False,
         use_liger_kernel: bool = False,
         revision: str | None = None,
@@ -47,7 +47,8 @@ class AutoModelForImageTextToText:
         Args:
             pretrained_model_name_or_path: folder or hub id.
             torch_dtype / dtype: parameter dtype (``bfloat16``, ``float32`` ...); default float32.
-            attn_implementation: ``sdpa``, ``eager`` ...; default lets transformers pick.
+            attn_implementation: ``sdpa``, ``eager`` ...; or one per part of the model, e.g.
+                ``{text_config: eager, vision_config: sdpa}``; default lets transformers pick.
             trust_remote_code: run the folder's own Python code (its config's ``auto_map``);
                 off unless the config turns it on.
             use_liger_kernel: accepted for NeMo AutoModel configs; Liger kernels are not applied.
