@@ -200,7 +200,7 @@ def tokens_per_sample(model_dir: Path, data: Path) -> float:
 # ------------------------------------------------------------------------------ the two sides
 def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
-    from automodel.training.signals import StopOnSigterm
+    from automodel.training.signals import StopOnSignal
 
     out = tempfile.mkdtemp(prefix="bench_automodel_")
     cfg = {
@@ -238,12 +238,12 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     recipe = FinetuneRecipeForVLM(cfg)
     recipe.setup()
     total = recipe.max_steps
-    with StopOnSigterm() as sigterm:
+    with StopOnSignal() as stop:
         recipe.max_steps = args.warmup
-        recipe.train_steps(sigterm)
+        recipe.train_steps(stop)
         start, waited = time.perf_counter(), recipe.data_wait.total
         recipe.max_steps = total
-        recipe.train_steps(sigterm)
+        recipe.train_steps(stop)
         seconds = time.perf_counter() - start
         waited = recipe.data_wait.total - waited
     cache = getattr(recipe, "vision_cache", None)

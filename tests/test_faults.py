@@ -139,11 +139,16 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     lock = RunLock(tmp_path)
     holder = json.loads((tmp_path / LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-    with pytest.raises(UsageError, match=rf"in use by another run \(pid {os.getpid()} on "):
-        RunLock(tmp_path)
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+    parent = os.getppid()  # a live process on this host: the test runner's parent
+    write_lock(tmp_path, parent, socket.gethostname())
+    with pytest.raises(UsageError, match=rf"in use by another run \(pid {parent} on "):
+        RunLock(tmp_path)
+    # A lock this very process left (a run inside Python that never released it) is its own.
+    write_lock(tmp_path, os.getpid(), socket.gethostname())
     RunLock(tmp_path).release()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
@@ -171,10 +176,10 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
 def test_a_concurrent_run_is_refused_through_the_cli(tmp_path, tiny_gemma3, receipts, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    write_lock(out, os.getpid(), socket.gethostname())  # a live run: this test's process
+    write_lock(out, os.getppid(), socket.gethostname())  # a live run: this test's parent
     code = cli_main(finetune_args(tiny_gemma3, receipts, out))
     err = capsys.readouterr().err
-    assert code == 2 and f"{out} is in use by another run (pid {os.getpid()}" in err, err
+    assert code == 2 and f"{out} is in use by another run (pid {os.getppid()}" in err, err
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
 
 

@@ -130,6 +130,8 @@ class RunLock:
         if holder["pid"] is None:
             return f"{self.path} was unreadable"
         if holder["host"] == self.mine["host"]:
+            if holder["pid"] == os.getpid():
+                return "an earlier run of this process did not release it"
             if _alive(holder["pid"], holder.get("process_start")):
                 return None
             return f"pid {holder['pid']} on {holder['host']} no longer runs"

@@ -13,7 +13,13 @@ import torch
 from automodel.datasets.checks import screen_dataset
 from automodel.distributed.env import destroy, init_distributed
 from automodel.errors import UsageError
-from automodel.models.forward import apply_precision, image_features_sum, to_model, vision_inputs
+from automodel.models.forward import (
+    apply_precision,
+    autocast_dtype,
+    image_features_sum,
+    to_model,
+    vision_inputs,
+)
 from automodel.models.vision_cache import build_vision_cache
 from automodel.recipes.vlm.builders import (
     DATASET_SECTIONS,
@@ -54,7 +60,8 @@ def cache_features(cfg: dict) -> int:
         run_prepare(cfg)
         model = build_model(cfg, sections.freeze_config, dist.device)
         cache = build_vision_cache(model, settings)
-        autocast = apply_precision(model, sections.precision, dist.device)
+        autocast = autocast_dtype(sections.precision.autocast, dist.device)
+        apply_precision(model, sections.precision, autocast, dist.device)
         processor = build_processor(cfg)
         collate = build_collate(cfg, processor)
         rng = build(cfg, "rng")
