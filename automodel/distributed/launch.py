@@ -6,8 +6,9 @@ import os
 import signal
 
 # How long the ranks get to finish their step and checkpoint after SIGTERM or SIGINT before the
-# agent kills them (torch's own default is 30 s, short for a multi-gigabyte checkpoint).
-SHUTDOWN_TIMEOUT_S = 300
+# agent kills them (torch's own default is 30 s, short for a multi-gigabyte checkpoint). The same
+# wait applies to the other ranks when one fails: they may be stuck in a collective meanwhile.
+SHUTDOWN_TIMEOUT_S = 120
 
 
 def launched_by_torchrun() -> bool:
