@@ -314,8 +314,8 @@ def verify_dir(directory: str | Path) -> tuple[list[str], bool]:
         if problem is not None:
             intact = False
             lines.append(f"{path.name}: DAMAGED: {problem}")
-        elif "files" in read_meta(path):
-            lines.append(f"{path.name}: ok ({len(read_meta(path)['files'])} files, SHA-256 match)")
+        elif files := read_meta(path).get("files"):
+            lines.append(f"{path.name}: ok ({len(files)} files, SHA-256 match)")
         else:
             lines.append(f"{path.name}: ok (written without hashes: its files are present)")
     for path in others:

@@ -45,10 +45,6 @@ class StopOnSignal:
         self.received: signal.Signals | None = None
         self._previous: dict[int, Callable | int | None] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
