@@ -50,31 +50,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.shapes import GEMMA3_4B  # noqa: E402
+
 GIB = 2**30
 
-# Gemma 3 4B (google/gemma-3-4b-it). Text and vision sizes, vocabulary and image settings from
-# huggingface/transformers src/transformers/models/gemma3/convert_gemma3_weights.py @ 0d7e95d
-# (_VARIANT_GEMMA_3_4B, _VISION_CONFIG; the checkpoint's vocabulary is 262,144 tokens plus the 64
-# rows the converter adds with the vision encoder: 262,208; the processor: 896x896, 256 tokens
-# per image, mean and std 0.5, Gemma3ImageProcessor's do_pan_and_scan left off).
-GEMMA3_4B = {
-    "vocab_size": 262_208,
-    "hidden_size": 2560,
-    "intermediate_size": 10240,
-    "num_hidden_layers": 34,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "sliding_window": 1024,
-    "max_position_embeddings": 131_072,
-    "vision_hidden_size": 1152,
-    "vision_intermediate_size": 4304,
-    "vision_num_hidden_layers": 27,
-    "vision_num_attention_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "mm_tokens_per_image": 256,
-}
 # Qwen2.5-VL 3B (Qwen/Qwen2.5-VL-3B-Instruct). Text sizes and tied embeddings from its
 # config.json (revision b318d0972a0bfe62f64d49e1fe95e4fd39292261, as recorded in the copy at
 # huggingface.co/zyoNoob/Qwen2.5-VL-3B-Instruct-AWQ/blob/main/config.json): hidden 2048,

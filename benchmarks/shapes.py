@@ -1,0 +1,89 @@
+"""Model shapes the benchmarks build, and the FLOPs of their matrix products.
+
+One place for Gemma 3 4B's shape (``real_shape.py`` builds it, ``vs_trl.py --gpu`` trains it,
+``scripts/gpu_check.sh`` runs both) and for the headline twin of ``vs_trl.py``, which is Gemma 3 4B
+scaled down.
+"""
+
+from __future__ import annotations
+
+# Gemma 3 4B (google/gemma-3-4b-it). Text and vision sizes, vocabulary and image settings from
+# huggingface/transformers src/transformers/models/gemma3/convert_gemma3_weights.py @ 0d7e95d
+# (_VARIANT_GEMMA_3_4B, _VISION_CONFIG; the checkpoint's vocabulary is 262,144 tokens plus the 64
+# rows the converter adds with the vision encoder: 262,208; the processor: 896x896, 256 tokens
+# per image, mean and std 0.5, Gemma3ImageProcessor's do_pan_and_scan left off).
+GEMMA3_4B = {
+    "vocab_size": 262_208,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "sliding_window": 1024,
+    "max_position_embeddings": 131_072,
+    "vision_hidden_size": 1152,
+    "vision_intermediate_size": 4304,
+    "vision_num_hidden_layers": 27,
+    "vision_num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "mm_tokens_per_image": 256,
+}
+
+# The headline twin of benchmarks/vs_trl.py: Gemma 3 4B with every width, head count and the
+# decoder's depth divided by 8 (2560 -> 320, 10240 -> 1280, 8 / 4 heads of 256 -> 2 / 1 of 128,
+# 34 -> 4 layers; SigLIP 1152 -> 144, 4304 -> 538, 16 -> 2 heads), keeping what does not scale:
+# the 896 px image, its 4,096 patches pooled to 256 tokens, and the 262,144-token vocabulary. The
+# tower keeps 11 of its 27 layers, the depth at which its FLOPs on one image are as many times
+# the decoder's FLOPs on that image's 256 tokens as in the real model (2.8 against 2.7; see
+# ``tower_to_decoder``). With the vocabulary unscaled, the output projection is 93% of the
+# twin's decoder FLOPs per token (17% in Gemma 3 4B): docs/performance.md, "The headline".
+HEADLINE_TWIN = {
+    "hidden_size": 320,
+    "intermediate_size": 1280,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 128,
+    "sliding_window": 1024,
+    "vision_hidden_size": 144,
+    "vision_intermediate_size": 538,
+    "vision_num_hidden_layers": 11,
+    "vision_num_attention_heads": 2,
+    "image_size": 896,
+    "patch_size": 14,
+    "mm_tokens_per_image": 256,
+}
+HEADLINE_VOCAB = 262_144
+
+
+def tower_flops(sizes: dict) -> int:
+    """Forward FLOPs of the SigLIP tower on one image: patch embedding, linear layers and
+    attention scores and mixing (a multiply-add is 2 FLOPs)."""
+    patches = (sizes["image_size"] // sizes["patch_size"]) ** 2
+    h, inner = sizes["vision_hidden_size"], sizes["vision_intermediate_size"]
+    per_layer = 2 * patches * (4 * h * h + 2 * h * inner) + 4 * patches * patches * h
+    embed = 2 * patches * 3 * sizes["patch_size"] ** 2 * h
+    return sizes["vision_num_hidden_layers"] * per_layer + embed
+
+
+def decoder_flops(sizes: dict, tokens: int, vocab_size: int | None = None) -> dict:
+    """Forward FLOPs of the decoder over ``tokens`` tokens, split into its linear layers,
+    attention (full, causal masking not discounted) and the output projection."""
+    h, inner = sizes["hidden_size"], sizes["intermediate_size"]
+    q = sizes["num_attention_heads"] * sizes["head_dim"]
+    kv = sizes["num_key_value_heads"] * sizes["head_dim"]
+    layers = sizes["num_hidden_layers"]
+    vocab = vocab_size or sizes["vocab_size"]
+    return {
+        "linear": layers * 2 * tokens * (2 * h * q + 2 * h * kv + 3 * h * inner),
+        "attention": layers * 4 * tokens * tokens * q,
+        "output": 2 * tokens * h * vocab,
+    }
+
+
+def tower_to_decoder(sizes: dict, vocab_size: int | None = None) -> float:
+    """The tower's forward FLOPs on one image over the decoder's on that image's tokens."""
+    decoder = decoder_flops(sizes, sizes["mm_tokens_per_image"], vocab_size)
+    return tower_flops(sizes) / sum(decoder.values())
