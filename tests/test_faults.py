@@ -212,6 +212,32 @@ def test_loader_workers_leave_sigterm_and_sigint_to_the_main_process():
     del batches
 
 
+def test_a_process_exits_with_its_loader_iterator_alive(tmp_path):
+    # The iterator is still referenced at exit: multiprocessing's SIGTERM would not end its
+    # worker, which ignores it.
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from automodel.training.signals import IgnoreStopSignals, workers_starting\n"
+        "loader = torch.utils.data.DataLoader(\n"
+        "    list(range(100)), num_workers=1, worker_init_fn=IgnoreStopSignals(), batch_size=2\n"
+        ")\n"
+        "with workers_starting():\n"
+        "    batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('ok', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-2000:]
+
+
 def test_a_second_ctrl_c_does_not_wait():
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)

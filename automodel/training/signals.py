@@ -11,7 +11,9 @@ worker before it could set its handlers.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -103,6 +105,7 @@ def workers_starting() -> Iterator[None]:
     Workers inherit the mask and unblock once they ignore both (``IgnoreStopSignals``); in the
     main process a signal received meanwhile stays pending and is handled on exit.
     """
+    _end_workers_at_exit()
     if not _main_thread():
         yield
         return
@@ -111,3 +114,26 @@ def workers_starting() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_exit_hook_registered = False
+
+
+def _end_workers_at_exit() -> None:
+    """Registers, once, an exit hook that kills the process's daemonic children.
+
+    At exit, ``multiprocessing`` ends the daemonic processes a DataLoader iterator still alive
+    (held in a reference cycle, or a global) left running with SIGTERM, then waits for them:
+    workers that ignore SIGTERM would keep the process from ever exiting. Registered after
+    ``multiprocessing``'s own hook, this one runs first (``atexit`` runs last-in first-out).
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemonic_children)
+        _exit_hook_registered = True
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
