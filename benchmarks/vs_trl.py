@@ -54,6 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.shapes import GEMMA3_4B, HEADLINE_TWIN, HEADLINE_VOCAB
 
 # ~22M parameters with the small vocabulary (a); the same model with 262k tokens is (b).
 SIZES = {
@@ -83,27 +84,18 @@ QUICK_SIZES = {
 }
 # Gemma 3 4B's shape (a random model of it is built once, ~17 GB in fp32, for --gpu).
 GPU_SIZES = {
-    "hidden_size": 2560,
-    "intermediate_size": 10240,
-    "num_hidden_layers": 34,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "sliding_window": 1024,
-    "vision_hidden_size": 1152,
-    "vision_intermediate_size": 4304,
-    "vision_num_hidden_layers": 27,
-    "vision_num_attention_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "mm_tokens_per_image": 256,
+    k: v for k, v in GEMMA3_4B.items() if k not in ("vocab_size", "max_position_embeddings")
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 # The language model's linear layers (what automodel's default LoRA targets), for TRL's PEFT.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # Dense bf16 peak FLOP/s by device name (an unknown device needs --peak-tflops).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-CONFIGS = {"a": 2048, "b": 262144}
+# Vocabulary of each configuration: the earlier twin (a, b) and the headline twin (lora, full).
+CONFIGS = {"a": 2048, "b": 262144, "lora": HEADLINE_VOCAB, "full": HEADLINE_VOCAB}
+HEADLINE = ("lora", "full")
+# What one step spends its time on, the same hooks on both sides (see PhaseClock).
+PHASES = ("tower", "decoder", "loss", "backward", "optimizer", "data")
 
 # Levers of the automodel side; each "-lever" row turns one off.
 LEVERS = {
@@ -126,8 +118,11 @@ WORDS = [
 
 
 # ------------------------------------------------------------------------------ preparation
-def make_data(out_dir: Path, n: int, image_size: int, seed: int = 0) -> Path:
-    """``n`` one-image conversations with answers of 3 to 90 words, as OpenAI-style JSONL."""
+def make_data(
+    out_dir: Path, n: int, image_size: int, words: tuple[int, int], seed: int = 0
+) -> Path:
+    """``n`` one-image conversations with answers of ``words`` (a range) words, as OpenAI-style
+    JSONL."""
     from PIL import Image, ImageDraw
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +142,7 @@ def make_data(out_dir: Path, n: int, image_size: int, seed: int = 0) -> Path:
                     [x, y, x + 20, y + 12], fill=tuple(rng.randrange(256) for _ in "rgb")
                 )
             image.save(out_dir / f"img_{i}.png")
-            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 90)))
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
             record = {
                 "messages": [
                     {
@@ -197,6 +192,106 @@ def tokens_per_sample(model_dir: Path, data: Path) -> float:
     return sum(counts) / len(counts)
 
 
+# ------------------------------------------------------------------------------ the profile
+class PhaseClock:
+    """Seconds each side spends per phase of its timed steps, measured by the same hooks.
+
+    - tower: inside the vision tower's call (on automodel's side, cache look-ups included);
+    - decoder: inside the decoder's call (the transformer layers, not the output projection);
+    - loss: the rest of the forward and loss: TRL's ``compute_loss`` or automodel's
+      ``forward_loss`` less tower and decoder (the output projection, the cross-entropy, TRL's
+      entropy and token accuracy over the logits, embedding and projector);
+    - backward: ``Tensor.backward`` (recomputed activations included);
+    - optimizer: gradient clipping and the optimizer's step;
+    - data: waiting for the next batch (automodel's own data-wait clock; TRL's
+      ``get_batch_samples``).
+
+    On CUDA each reading synchronizes the device first.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        import torch
+
+        self.torch, self.cuda = torch, cuda
+        self.seconds = dict.fromkeys((*PHASES, "forward"), 0.0)
+        self.in_backward = False
+
+    def now(self) -> float:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, phase: str, start: float) -> None:
+        self.seconds[phase] += self.now() - start
+
+    def on_module(self, module, phase: str) -> None:
+        """Times ``module``'s forward calls, not the reruns of a recomputing backward."""
+        starts = []
+
+        def before(_module, _args):
+            if not self.in_backward:
+                starts.append(self.now())
+
+        def after(_module, _args, _output):
+            if starts and not self.in_backward:
+                self.add(phase, starts.pop())
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+
+    def on_call(self, owner, name: str, phase: str) -> None:
+        """Times every call of ``owner.name`` (a function or bound method it holds)."""
+        function = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = self.now()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.add(phase, start)
+
+        setattr(owner, name, timed)
+
+    def attach(self, model) -> None:
+        """Hooks on ``model``'s tower and decoder, on backward, clipping and optimizer steps."""
+        from automodel.models.families import family_of, transformers_model
+        from automodel.models.freeze import language_modules
+
+        inner = transformers_model(model)
+        self.on_module(inner.get_submodule(family_of(inner).cached_tower), "tower")
+        self.on_module(language_modules(model)[0], "decoder")
+        backward = self.torch.Tensor.backward
+
+        def timed_backward(tensor, *args, **kwargs):
+            start, self.in_backward = self.now(), True
+            try:
+                return backward(tensor, *args, **kwargs)
+            finally:
+                self.in_backward = False
+                self.add("backward", start)
+
+        self.torch.Tensor.backward = timed_backward
+        self.on_call(self.torch.nn.utils, "clip_grad_norm_", "optimizer")
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        starts = []
+        register_optimizer_step_pre_hook(lambda *_: starts.append(self.now()))
+        register_optimizer_step_post_hook(lambda *_: self.add("optimizer", starts.pop()))
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def per_step(self, steps: int) -> dict:
+        """Seconds per step of each phase (``loss`` is the forward less tower and decoder)."""
+        seconds = dict(self.seconds)
+        forward = seconds.pop("forward")
+        seconds["loss"] = max(0.0, forward - seconds["tower"] - seconds["decoder"])
+        return {phase: seconds[phase] / steps for phase in PHASES}
+
+
 # ------------------------------------------------------------------------------ the two sides
 def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     from automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
@@ -228,27 +323,38 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
     }
     if args.bf16:  # fp32 weights and optimizer states, bf16 matrix products
         cfg["precision"]["autocast"] = "bf16"
-    if args.gpu:
+    if args.bf16_weights:
         cfg["model"]["torch_dtype"] = "bfloat16"
-        cfg["precision"]["autocast"] = "bf16"
+    if args.lora:
         cfg["peft"] = dict(LORA)
     for lever in levers:
         for section, values in LEVERS[lever].items():
             cfg.setdefault(section, {}).update(values)
     recipe = FinetuneRecipeForVLM(cfg)
     recipe.setup()
+    clock = None if "compile" in levers else PhaseClock(recipe.device.type == "cuda")
+    if clock is not None:  # hooks would break the compiled graphs
+        clock.attach(recipe.model)
+        clock.on_call(recipe, "forward_loss", "forward")
     total = recipe.max_steps
     with StopOnSignal() as stop:
         recipe.max_steps = args.warmup
         recipe.train_steps(stop)
+        if clock is not None:
+            clock.reset()
         start, waited = time.perf_counter(), recipe.data_wait.total
         recipe.max_steps = total
         recipe.train_steps(stop)
         seconds = time.perf_counter() - start
         waited = recipe.data_wait.total - waited
+    profile = None
+    if clock is not None:
+        clock.seconds["data"] = waited
+        profile = clock.per_step(args.steps)
     cache = getattr(recipe, "vision_cache", None)
     return {
         "seconds": seconds,
+        "profile": profile,
         "loss": last_logged_loss(Path(out)),
         "tower_calls": None if cache is None else cache.computed,
         "data_wait_pct": 100 * waited / seconds,
@@ -364,13 +470,13 @@ def run_trl(args: argparse.Namespace) -> dict:
     torch.manual_seed(42)
     processor = AutoProcessor.from_pretrained(args.model)
     processor.chat_template = same_labels_template()
-    cuda = args.gpu and torch.cuda.is_available()
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if args.bf16_weights else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     for p in model.model.vision_tower.parameters():  # the same frozen tower as automodel's
         p.requires_grad_(False)
     peft_config = None
-    if args.gpu:
+    if args.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(
@@ -380,11 +486,16 @@ def run_trl(args: argparse.Namespace) -> dict:
             target_modules=LORA_TARGETS,
         )
     marks = {}
+    clock = PhaseClock(cuda)
 
     class Clock(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
             if state.global_step in (args.warmup, args.warmup + args.steps):
-                marks[state.global_step] = time.perf_counter()
+                marks[state.global_step] = clock.now()
+            if state.global_step == args.warmup:
+                clock.reset()
+            if state.global_step == args.warmup + args.steps:
+                marks["profile"] = clock.per_step(args.steps)
 
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
@@ -419,11 +530,15 @@ def run_trl(args: argparse.Namespace) -> dict:
         peft_config=peft_config,
     )
     counts = label_counts(args, trainer)
+    clock.attach(trainer.model)
+    clock.on_call(trainer, "compute_loss", "forward")
+    clock.on_call(trainer, "get_batch_samples", "data")
     result = trainer.train()
     seconds = marks[args.warmup + args.steps] - marks[args.warmup]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "seconds": seconds,
+        "profile": marks["profile"],
         "loss": result.training_loss,
         "trainable": trainable,
         "recompute": recomputes(trainer.model),
@@ -459,7 +574,7 @@ def child(args: argparse.Namespace) -> None:
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     import torch
 
-    if args.gpu and torch.cuda.is_available():
+    if args.device == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         result["device_name"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result), flush=True)
@@ -471,6 +586,7 @@ def launch(
     side: str,
     model: Path,
     levers: list[str],
+    lora: bool,
     checkpointing: bool | None = None,
 ) -> dict:
     cmd = [
@@ -485,12 +601,14 @@ def launch(
         "--levers",
         ",".join(levers),
     ]
-    for flag in ("gpu", "bf16"):
+    for flag in ("bf16", "bf16_weights"):
         if getattr(args, flag):
-            cmd.append(f"--{flag}")
+            cmd.append(f"--{flag.replace('_', '-')}")
+    if lora:
+        cmd.append("--lora")
     if args.checkpointing if checkpointing is None else checkpointing:
         cmd.append("--checkpointing")
-    for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr"):
+    for key in ("steps", "warmup", "global_batch", "local_batch", "workers", "lr", "device"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {
         **os.environ,
@@ -506,7 +624,9 @@ def launch(
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"{side} run failed (exit {proc.returncode})")
     result = json.loads(lines[-1][len("RESULT ") :])
-    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    shown = {
+        k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k != "profile"
+    }
     print(
         f"  {side} {model.name} levers={','.join(levers) or '-'}"
         f"{' checkpointing' if '--checkpointing' in cmd else ''}: {shown}",
@@ -567,120 +687,216 @@ def print_mfu(args, rows: dict, config: str, runs: dict, tokens_per: float) -> N
         print(f"MFU {side}: {100 * value:.1f}% of {peak:.0f} TFLOP/s", flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--configs",
+        default="lora,full",
+        help="the headline twin's rows (lora, full; the default) or the earlier twin's (a, b)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one round")
     parser.add_argument("--rounds", type=int, default=2)
-    # 12 steps of global batch 8 are 3 epochs of the 32 conversations: a fine-tune's usual
-    # repeated passes, where the frozen tower's cache can act (one pass would hide it).
-    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
-    # Two: torch.compile compiles the decoder blocks on the first step and recompiles once for
-    # dynamic shapes on the second.
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the clock")
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--local-batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the data (headline)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per run (a, b: 12)")
+    # a, b: two, as torch.compile compiles the decoder blocks on the first step and recompiles
+    # once for dynamic shapes on the second; the headline runs without compile: one.
+    parser.add_argument("--warmup", type=int, help="untimed steps before the clock (1; a, b: 2)")
+    parser.add_argument("--global-batch", type=int, help="(2; a, b: 8)")
+    parser.add_argument("--local-batch", type=int, help="(2; a, b: 8)")
+    parser.add_argument("--samples", type=int, help="conversations in the data (8; a, b: 32)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, both sides")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS, both sides")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--configs", default="a,b")
     parser.add_argument("--no-lever-rows", action="store_true", help="skip the per-lever rows")
-    parser.add_argument("--gpu", action="store_true", help="CUDA, Gemma-3-4B-shaped, LoRA")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--gpu", action="store_true", help="CUDA, Gemma 3 4B's shape in bf16, LoRA (config b)"
+    )
     parser.add_argument(
         "--image-tokens",
         type=int,
-        help="tokens per image (a square; Gemma 3 has 256), instead of the twin's 16",
+        help="a, b: tokens per image (a square; Gemma 3 has 256), instead of the twin's 16",
     )
-    parser.add_argument(
-        "--bf16", action="store_true", help="both sides autocast to bf16 (fp32 weights)"
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--bf16", action="store_true", help="both sides autocast to bf16 (the headline's setting)"
     )
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (--gpu)")
+    precision.add_argument(
+        "--fp32",
+        action="store_true",
+        help="fp32 matrix products (a, b's setting; not the headline)",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (CUDA)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "automodel_vs_trl"))
-    # Internal: one side in this process.
-    parser.add_argument("--child", choices=("automodel", "trl"), dest="side")
-    parser.add_argument("--model")
-    parser.add_argument("--data")
-    parser.add_argument("--levers", default="")
     # TRL's SFTConfig recomputes activations by default (gradient_checkpointing=True); the
     # benchmark sets the same on both sides: off unless asked.
     parser.add_argument(
         "--checkpointing", action="store_true", help="both sides recompute activations"
     )
-    args = parser.parse_args()
+    # Internal: one side in this process.
+    parser.add_argument("--child", choices=("automodel", "trl"), dest="side")
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--levers", default="")
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--bf16-weights", action="store_true")
+    return parser.parse_args()
+
+
+def setting(args: argparse.Namespace) -> tuple[list[str], dict, str, tuple[int, int]]:
+    """Fills in ``args``' defaults for the chosen configurations.
+
+    Returns:
+        The configurations, the twin's sizes, the twin's folder prefix and the answers' length
+        range in words.
+    """
+    configs = [c for c in args.configs.split(",") if c]
+    if args.quick:
+        configs = ["a"]
+    unknown = [c for c in configs if c not in CONFIGS]
+    headline = [c for c in configs if c in HEADLINE]
+    if unknown or not configs or (headline and len(headline) != len(configs)):
+        sys.stderr.write(
+            f"error: --configs {args.configs}: choose among lora,full (the headline twin) or "
+            "among a,b (the earlier twin)\n"
+        )
+        sys.exit(2)
+    if args.gpu:
+        configs, args.device, args.bf16, args.bf16_weights = ["b"], "cuda", True, True
+        args.no_lever_rows, args.rounds = True, 1
+        args.warmup, args.steps, args.global_batch, args.local_batch = 2, 10, 4, 4
+    if headline:
+        # 3 epochs of 8 conversations in steps of 2: 12 steps, the first one untimed.
+        sizes, twin, words = HEADLINE_TWIN, "headline", (90, 110)
+        args.bf16 = not args.fp32
+        args.samples = args.samples or 8
+        args.global_batch = args.global_batch or 2
+        args.local_batch = args.local_batch or args.global_batch
+        args.warmup = 1 if args.warmup is None else args.warmup
+        total = args.epochs * args.samples // args.global_batch
+        args.steps = args.steps or total - args.warmup
+    else:
+        sizes, twin, words = SIZES, "gemma3", (3, 90)
+        if args.gpu:
+            sizes = GPU_SIZES
+        if args.quick:
+            sizes, args.rounds, args.steps, args.warmup = QUICK_SIZES, 1, 2, 1
+            args.samples, args.no_lever_rows = 8, True
+        if args.image_tokens:
+            sizes = with_image_tokens(sizes, args.image_tokens)
+            twin = f"gemma3_img{args.image_tokens}"
+        # 12 steps of global batch 8 are 3 epochs of the 32 conversations: a fine-tune's usual
+        # repeated passes, where the frozen tower's cache can act (one pass would hide it).
+        args.samples, args.steps = args.samples or 32, args.steps or 12
+        args.global_batch = args.global_batch or 8
+        args.local_batch = args.local_batch or args.global_batch
+        args.warmup = 2 if args.warmup is None else args.warmup
+    if args.steps < 1:
+        sys.stderr.write(f"error: no timed steps: {args.warmup} warm-up of {args.steps}\n")
+        sys.exit(2)
+    return configs, sizes, twin, words
+
+
+def check_device(args: argparse.Namespace, headline: bool) -> None:
+    """Stops, in one line, where the chosen precision or device cannot run here."""
+    import torch
+
+    from automodel.models.forward import cpu_has_fast_matmul
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write("error: --device cuda: no CUDA device here\n")
+        sys.exit(2)
+    if args.device == "cpu" and args.bf16 and not cpu_has_fast_matmul(torch.bfloat16):
+        # Both sides would crawl: automodel refuses such a run, TRL's autocast would run it.
+        hint = (
+            "run the headline on a GPU (--device cuda) or a CPU with AMX; --fp32 runs the same "
+            "twin with fp32 matrix products, a different setting"
+            if headline
+            else "drop --bf16"
+        )
+        sys.stderr.write(
+            "error: bf16: this CPU has no native bf16 matrix products (torch's oneDNN kernels "
+            "need AVX512 or AMX); its fallback runs them many times slower than fp32 on both "
+            f"sides; {hint}\n"
+        )
+        sys.exit(2)
+
+
+def print_profile(config: str, runs: dict, steps: int) -> None:
+    """Seconds per timed step of each phase, the median over rounds, for both sides."""
+    print(
+        f"({config}) seconds per step: " + " ".join(f"{p:>9}" for p in (*PHASES, "other", "step"))
+    )
+    for side, side_runs in runs.items():
+        profiles = [r["profile"] for r in side_runs if r.get("profile")]
+        if not profiles:
+            print(f"  {side:<20} no profile (compiled)")
+            continue
+        phase = {p: statistics.median(pr[p] for pr in profiles) for p in PHASES}
+        step = statistics.median(r["seconds"] for r in side_runs) / steps
+        cells = [*phase.values(), step - sum(phase.values()), step]
+        print(f"  {side:<20}" + "".join(f"{v:>10.3f}" for v in cells), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
     if args.side:
         child(args)
         return
-
-    sizes = SIZES
-    configs = [c for c in args.configs.split(",") if c]
-    if args.quick:
-        sizes, args.rounds, args.steps, args.warmup = QUICK_SIZES, 1, 2, 1
-        args.samples, args.no_lever_rows, configs = 8, True, ["a"]
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--gpu needs a CUDA device")
-        sizes, configs, args.no_lever_rows = GPU_SIZES, ["b"], True
-        args.rounds, args.warmup = 1, 2
-        args.steps, args.global_batch, args.local_batch = 10, 4, 4
-    if args.bf16 and not args.gpu:
-        import torch
-
-        from automodel.models.forward import cpu_has_fast_matmul
-
-        if not cpu_has_fast_matmul(torch.bfloat16):
-            # Both sides would crawl: automodel refuses such a run, TRL's autocast would run it.
-            raise SystemExit(
-                "--bf16: this CPU has no native bf16 matrix products (torch's oneDNN kernels need "
-                "AVX512 or AMX); its fallback runs them many times slower than fp32 on both sides"
-            )
-    twin = "gemma3"
-    if args.image_tokens:
-        sizes, twin = with_image_tokens(sizes, args.image_tokens), f"gemma3_img{args.image_tokens}"
-    work = Path(args.work) / ("quick" if args.quick else "gpu" if args.gpu else "full")
-    args.data = make_data(work / "data", args.samples, sizes["image_size"])
+    configs, sizes, twin, words = setting(args)
+    headline = configs[0] in HEADLINE
+    check_device(args, headline)
+    work = Path(args.work) / ("quick" if args.quick else twin)
+    args.data = make_data(work / f"data{args.samples}", args.samples, sizes["image_size"], words)
     all_levers = [
         x
         for x in LEVERS
-        if not (x == "compile" and (args.quick or args.gpu))
+        # compile is left out of --quick (a smoke run), --gpu (a lent GPU's minutes) and the
+        # headline (its 12 steps would not pay back the compilation)
+        if not (x == "compile" and (args.quick or args.gpu or headline))
         and not (x == "fp32_attention" and not args.bf16)
     ]
     samples = args.steps * args.global_batch
     print(
+        f"{'headline twin (Gemma 3 4B / 8)' if headline else 'twin'}: "
         f"global batch {args.global_batch} (local {args.local_batch}), {args.steps} timed steps "
         f"after {args.warmup} warm-up, {args.rounds} rounds, OMP_NUM_THREADS={args.threads}, "
         f"{args.workers} DataLoader worker(s), {sizes['mm_tokens_per_image']} tokens per image, "
-        f"activation recomputation on both sides: {'on' if args.checkpointing else 'off'}, "
-        f"matrix products in {'bf16 (autocast)' if args.bf16 or args.gpu else 'fp32'}, "
+        f"answers of {words[0]}-{words[1]} words, activation recomputation on both sides: "
+        f"{'on' if args.checkpointing else 'off'}, matrix products in "
+        f"{'bf16 (autocast)' if args.bf16 else 'fp32'}, on {args.device}, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    if headline and not args.bf16:
+        print("not the headline setting (both sides autocast to bf16): fp32 matrix products")
     rows, label_check, paired = {}, None, {}
     for config in configs:
         model = make_model(work / f"{twin}_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
         per = tokens_per_sample(model, args.data)
+        lora = config == "lora" or args.gpu
         runs = {"automodel": [], "TRL": []}
         for _ in range(args.rounds):
-            runs["automodel"].append(launch(args, "automodel", model, all_levers))
-            runs["TRL"].append(launch(args, "trl", model, []))
+            runs["automodel"].append(launch(args, "automodel", model, all_levers, lora))
+            runs["TRL"].append(launch(args, "trl", model, [], lora))
         label_check = {
             k: runs["TRL"][0][k] for k in ("trl_labels", "automodel_labels", "same_input_ids")
         }
         for side, side_runs in runs.items():
             rows[(config, side)] = summarize(side_runs, samples, per)
         paired[config] = paired_ratios(runs)
-        if args.gpu:
+        print_profile(config, runs, args.steps)
+        if args.device == "cuda":
             print_mfu(args, rows, config, runs, per)
         if config == "b" and not args.no_lever_rows:
             for lever in all_levers:
                 rest = [x for x in all_levers if x != lever]
                 rows[(config, f"automodel -{lever}")] = summarize(
-                    [launch(args, "automodel", model, rest)], samples, per
+                    [launch(args, "automodel", model, rest, lora)], samples, per
                 )
         if config == "a" and not args.no_lever_rows and not args.checkpointing:
             # TRL as it comes: SFTConfig recomputes activations unless told not to.
             rows[(config, "TRL, its default recompute")] = summarize(
-                [launch(args, "trl", model, [], checkpointing=True)], samples, per
+                [launch(args, "trl", model, [], lora, checkpointing=True)], samples, per
             )
         ours = runs["automodel"]
         print(
@@ -698,16 +914,28 @@ def main() -> None:
     )
     for (config, side), row in rows.items():
         trl = rows[(config, "TRL")]
+        name = f"({config}) V={CONFIGS[config]}"
         print(
-            f"({config}) V={CONFIGS[config]:<7}{side:<24}{row['samples_per_s']:>10.2f}"
+            f"{name:<16}{side:<20}{row['samples_per_s']:>10.2f}"
             f"{row['tokens_per_s']:>10.0f}{row['peak_gb']:>9.2f}"
             f"{row['samples_per_s'] / trl['samples_per_s']:>7.2f}{row['peak_gb'] / trl['peak_gb']:>10.2f}"
         )
-    speed_config = "a" if "a" in configs else configs[0]
-    memory_config = "b" if "b" in configs else configs[-1]
     for config, ratios in paired.items():
         shown = {k: [round(x, 2) for x in v] for k, v in ratios.items()}
         print(f"({config}) automodel / TRL in each round: {shown}")
+    if headline:
+        for config in configs:
+            speed = statistics.median(paired[config]["speed"])
+            memory = statistics.median(paired[config]["memory"])
+            met = speed >= 2.0 and memory <= 0.5
+            print(
+                f"({config}) speedup={speed:.2f} memory_ratio={memory:.2f}: targets speedup >= 2.0 "
+                f"and memory_ratio <= 0.5 {'met' if met else 'missed'}"
+            )
+        speed_config = memory_config = "lora" if "lora" in configs else configs[0]
+    else:
+        speed_config = "a" if "a" in configs else configs[0]
+        memory_config = "b" if "b" in configs else configs[-1]
     speedup = statistics.median(paired[speed_config]["speed"])
     memory_ratio = statistics.median(paired[memory_config]["memory"])
     print(
