@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.shapes import GEMMA3_4B  # noqa: E402
+from benchmarks.shapes import GEMMA3_4B
 
 GIB = 2**30
 

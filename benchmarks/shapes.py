@@ -31,9 +31,10 @@ GEMMA3_4B = {
     "mm_tokens_per_image": 256,
 }
 
-# The headline twin of benchmarks/vs_trl.py: Gemma 3 4B with every width, head count and the
-# decoder's depth divided by 8 (2560 -> 320, 10240 -> 1280, 8 / 4 heads of 256 -> 2 / 1 of 128,
-# 34 -> 4 layers; SigLIP 1152 -> 144, 4304 -> 538, 16 -> 2 heads), keeping what does not scale:
+# The headline twin of benchmarks/vs_trl.py: Gemma 3 4B with every width and the decoder's depth
+# divided by 8 (2560 -> 320, 10240 -> 1280, attention 8 / 4 heads of 256 -> 2 / 1 of 128, 34 -> 4
+# layers; SigLIP 1152 -> 144, 4304 -> 538, 16 heads -> 2 of the same 72), keeping what does not
+# scale:
 # the 896 px image, its 4,096 patches pooled to 256 tokens, and the 262,144-token vocabulary. The
 # tower keeps 11 of its 27 layers, the depth at which its FLOPs on one image are as many times
 # the decoder's FLOPs on that image's 256 tokens as in the real model (2.8 against 2.7; see

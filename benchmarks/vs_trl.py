@@ -1,40 +1,52 @@
 """automodel against TRL's SFTTrainer: the same fine-tune, side by side, in one run.
 
-    python benchmarks/vs_trl.py                 # both configurations, 2 rounds (~18 min idle)
+    python benchmarks/vs_trl.py                 # the headline: LoRA and full rows, bf16 autocast
+    python benchmarks/vs_trl.py --device cuda   # the same on one GPU
+    python benchmarks/vs_trl.py --fp32          # the same twin with fp32 matrix products (a CPU
+                                                # without bf16 kernels; not the headline)
+    python benchmarks/vs_trl.py --configs a,b   # the earlier twin, fp32 (--bf16, --image-tokens)
     python benchmarks/vs_trl.py --quick         # a smoke run: tiny model, 2 steps, 1 round
-    python benchmarks/vs_trl.py --gpu           # CUDA: a Gemma-3-4B-shaped model with LoRA
-    python benchmarks/vs_trl.py --image-tokens 256 --configs b --no-lever-rows
-                                                # Gemma 3's own 256 tokens per image
-    python benchmarks/vs_trl.py --bf16          # both sides autocast to bf16 (AMX CPUs), plus
-                                                # the lever row -fp32_attention
+    python benchmarks/vs_trl.py --gpu           # CUDA: Gemma 3 4B's own shape in bf16, LoRA
 
-Both sides train the same Gemma 3 twin (a) with a small vocabulary and (b) with Gemma 3's real
-262,144-token vocabulary, on the same conversations (one image each, answers of 3 to 90 words),
-with the same global batch, steps, learning rate and fused AdamW (SFTConfig's default and
-automodel's), answer-only labels (TRL's ``assistant_only_loss``; the label counts of both collates
-on the same batch are printed), the vision tower frozen, fp32 on the CPU (``--bf16``: fp32
-weights, bf16 autocast on both sides), the same number of DataLoader workers and threads, and the
-same activation recomputation: none, unless ``--checkpointing`` turns it on for both (TRL's
-``SFTConfig`` turns ``gradient_checkpointing`` on by default, which trades its speed for memory).
-Each run reports its optimizer and whether it recomputes, so a difference between the sides
-shows in the output.
+The headline twin is Gemma 3 4B scaled down (``benchmarks/shapes.py``: widths and decoder depth
+divided by 8, the 896 px image pooled to 256 tokens, the 262,144-token vocabulary, a frozen SigLIP
+tower whose FLOPs relative to the decoder's are the real model's). Both sides train it over 8
+one-image conversations with answers of 90 to 110 words for 3 epochs (12 steps of 2, the first
+untimed), autocast to bf16 over fp32 weights, in two rows: LoRA (r 16, alpha 32, the language
+model's linear layers; the headline) and full fine-tuning of the language model. The last line is
+``speedup=X memory_ratio=Y`` of the LoRA row; each row's line says whether it meets speed >= 2.0x
+and memory <= 0.5x TRL's.
 
-Each run is a fresh subprocess (its peak RSS is its own), the sides alternate
-(automodel, TRL, automodel, TRL, ...), warm-up steps are not timed (two: ``torch.compile``
-compiles in them), and the table shows the median of the rounds. Rows ``automodel -<lever>``
-switch one lever off on configuration (b) to show what it contributes; the row ``TRL, its
-default recompute`` is one TRL run on (a) with ``gradient_checkpointing`` left on. The automodel
-side also reports the share of the timed steps it waited for data and what its data loader
-delivers alone.
-The last line reads ``speedup=<automodel/TRL samples per s on (a)> memory_ratio=<automodel/TRL
-peak memory on (b)>``, each the median over rounds of the ratio within a round.
+The earlier twin (``--configs a,b``) is a ~22M-parameter Gemma 3 with (a) a small vocabulary and
+(b) the real 262,144 tokens, 16 tokens per image, 32 conversations with answers of 3 to 90 words,
+full fine-tuning in fp32 (``--bf16``: bf16 autocast); its last line reads speed on (a), memory
+on (b).
 
-``--gpu`` runs configuration (b) only, on one CUDA device, with a randomly initialised model of
-Gemma 3 4B's shape (text 2560 x 34 layers, SigLIP 1152 x 27 layers at 896 px, 262k vocabulary),
-bf16 weights and autocast, and the same LoRA (r 16, alpha 32, the language model's linear layers)
-on both sides; memory is ``torch.cuda.max_memory_allocated``, and MFU counts 4 FLOPs per frozen
-weight and 6 per trainable one for every token (decoder linear layers and the output projection),
-plus 2 per vision-tower weight for every image patch, against the device's dense bf16 peak.
+On both, the sides share the data, the global batch, steps, learning rate and fused AdamW
+(SFTConfig's default and automodel's), answer-only labels (TRL's ``assistant_only_loss``; the
+label counts of both collates on the same batch are printed), the frozen vision tower, the
+number of DataLoader workers and threads, and activation recomputation: none, unless
+``--checkpointing`` turns it on for both (TRL's ``SFTConfig`` turns ``gradient_checkpointing`` on
+by default, which trades its speed for memory). Each run reports its optimizer and whether it
+recomputes, so a difference between the sides shows in the output.
+
+Each run is a fresh subprocess (its peak RSS is its own), the sides alternate (automodel, TRL,
+automodel, TRL, ...), warm-up steps are not timed, and the table shows the median of the rounds.
+Each configuration prints a profile of both sides' timed steps, seconds per step in the tower,
+the decoder, the loss, backward, the optimizer and waiting for data (``PhaseClock``). Rows
+``automodel -<lever>`` switch one lever off on configuration (b) to show what it contributes; the
+row ``TRL, its default recompute`` is one TRL run on (a) with ``gradient_checkpointing`` left on.
+The automodel side also reports the share of the timed steps it waited for data and what its
+data loader delivers alone. Ratios are the median over rounds of the ratio within a round.
+
+On a CPU without native bf16 matrix products (AVX2 only) the bf16 settings stop at once in one
+line: torch's fallback kernels run them many times slower than fp32 on both sides.
+
+``--gpu`` runs configuration (b) on one CUDA device with a randomly initialised model of Gemma 3
+4B's own shape, bf16 weights and autocast, and the same LoRA on both sides. On CUDA memory is
+``torch.cuda.max_memory_allocated``, and MFU counts 4 FLOPs per frozen weight and 6 per
+trainable one for every token (decoder linear layers and the output projection), plus 2 per
+vision-tower weight for every image patch, against the device's dense bf16 peak.
 """
 
 from __future__ import annotations

@@ -522,6 +522,48 @@ def test_cpu_autocast_refusal_is_one_line_before_anything_loads(
 
 
 # --------------------------------------------------------------------------- the benchmark
+def test_the_headline_twin_is_gemma3_4b_scaled_with_its_tower_share():
+    from benchmarks.shapes import GEMMA3_4B, HEADLINE_TWIN, HEADLINE_VOCAB, tower_to_decoder
+
+    # Widths and the decoder's depth divided by 8; image and tokens kept.
+    for key in ("hidden_size", "intermediate_size", "vision_hidden_size"):
+        assert HEADLINE_TWIN[key] * 8 == GEMMA3_4B[key], key
+    for heads in ("num_attention_heads", "num_key_value_heads"):
+        width = HEADLINE_TWIN[heads] * HEADLINE_TWIN["head_dim"]
+        assert width * 8 == GEMMA3_4B[heads] * GEMMA3_4B["head_dim"], heads
+    assert round(GEMMA3_4B["num_hidden_layers"] / 8) == HEADLINE_TWIN["num_hidden_layers"]
+    for key in ("image_size", "patch_size", "mm_tokens_per_image"):
+        assert HEADLINE_TWIN[key] == GEMMA3_4B[key], key
+    assert HEADLINE_VOCAB == 262_144
+    # The tower's FLOPs on one image against the decoder's on its tokens: within 20% of the real
+    # model's (about 2.7).
+    real = tower_to_decoder(GEMMA3_4B, HEADLINE_VOCAB)
+    assert 2.5 < real < 3.0
+    assert abs(tower_to_decoder(HEADLINE_TWIN, HEADLINE_VOCAB) / real - 1) <= 0.2
+
+
+@pytest.mark.parametrize("configs", ["lora,a", "c", ","])
+def test_the_benchmark_refuses_mixed_or_unknown_configs(configs, monkeypatch, capsys):
+    from benchmarks import vs_trl
+
+    monkeypatch.setattr(sys, "argv", ["vs_trl.py", "--configs", configs])
+    with pytest.raises(SystemExit) as stop:
+        vs_trl.setting(vs_trl.parse_args())
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --configs {configs}: choose among")
+
+
+def test_the_benchmark_headline_runs_three_epochs_in_bf16(monkeypatch):
+    from benchmarks import vs_trl
+
+    monkeypatch.setattr(sys, "argv", ["vs_trl.py"])
+    args = vs_trl.parse_args()
+    configs, sizes, _, words = vs_trl.setting(args)
+    assert configs == ["lora", "full"] and sizes is vs_trl.HEADLINE_TWIN and args.bf16
+    assert (args.warmup + args.steps) * args.global_batch == 3 * args.samples
+    assert words == (90, 110)
+
+
 def test_benchmark_against_trl_quick_run(tmp_path):
     pytest.importorskip("trl")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
