@@ -54,6 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.shapes import GEMMA3_4B, PEAK_TFLOPS
 
 # ~22M parameters with the small vocabulary (a); the same model with 262k tokens is (b).
 SIZES = {
@@ -83,26 +84,11 @@ QUICK_SIZES = {
 }
 # Gemma 3 4B's shape (a random model of it is built once, ~17 GB in fp32, for --gpu).
 GPU_SIZES = {
-    "hidden_size": 2560,
-    "intermediate_size": 10240,
-    "num_hidden_layers": 34,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "sliding_window": 1024,
-    "vision_hidden_size": 1152,
-    "vision_intermediate_size": 4304,
-    "vision_num_hidden_layers": 27,
-    "vision_num_attention_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "mm_tokens_per_image": 256,
+    k: v for k, v in GEMMA3_4B.items() if k not in ("vocab_size", "max_position_embeddings")
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 # The language model's linear layers (what automodel's default LoRA targets), for TRL's PEFT.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# Dense bf16 peak FLOP/s by device name (an unknown device needs --peak-tflops).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 CONFIGS = {"a": 2048, "b": 262144}
 
 # Levers of the automodel side; each "-lever" row turns one off.
