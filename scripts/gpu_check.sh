@@ -106,7 +106,8 @@ part() {
   local name=$1 figures=$2
   shift 2
   local left limit begin status seconds
-  left=$((BUDGET - ($(now) - START) / 1000000 - 5))
+  # 15 s kept back: timeout's --kill-after and the summary.
+  left=$((BUDGET - ($(now) - START) / 1000000 - 15))
   limit=$(cap "$name")
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 30 ]; then
@@ -175,16 +176,18 @@ else
   else
     SUMMARY+=("gpu_check: fsdp2_lora skipped: real_shape wrote no config ($RS/gemma3/config.yaml)")
   fi
-  if [ -f "$RS/gemma3/config.yaml" ] \
-      && "$PY" -m automodel models make-tiny gemma3 "$WORK/tiny-gemma3" >/dev/null; then
-    # The tiny twin in fp32, every weight trained: FSDP2 shards them and the optimizer state.
-    part fsdp2_full fsdp2_figures "$PY" -m automodel finetune vlm -c "$RS/gemma3/config.yaml" \
+  if [ -f "$RS/gemma3/config.yaml" ]; then
+    # A tiny twin (built first, within the part's time) in fp32, every weight trained: FSDP2
+    # shards the weights and the optimizer state.
+    part fsdp2_full fsdp2_figures bash -c \
+      '"$1" -m automodel models make-tiny gemma3 "$2" >/dev/null && exec "$1" -m automodel "${@:3}"' \
+      make-tiny-then "$PY" "$WORK/tiny-gemma3" finetune vlm -c "$RS/gemma3/config.yaml" \
       "${FSDP[@]}" '~peft' --model.pretrained_model_name_or_path "$WORK/tiny-gemma3" \
       --model.torch_dtype float32 --distributed.param_dtype bfloat16 \
       --distributed.reduce_dtype float32 --step_scheduler.max_steps 5 \
       --checkpoint.checkpoint_dir "$WORK/fsdp2_full"
   else
-    SUMMARY+=("gpu_check: fsdp2_full skipped: no config or no tiny twin")
+    SUMMARY+=("gpu_check: fsdp2_full skipped: real_shape wrote no config ($RS/gemma3/config.yaml)")
   fi
 fi
 
