@@ -3,11 +3,12 @@
     python benchmarks/real_shape.py --smoke                # small widths: the pipeline in minutes
     python benchmarks/real_shape.py --model gemma3         # Gemma 3 4B's shape (hours on a CPU)
     python benchmarks/real_shape.py --layers 2             # real widths and vocabularies, 2 layers
-    python benchmarks/real_shape.py --device cuda          # on a GPU: peak CUDA memory, tokens/s
+    python benchmarks/real_shape.py --device cuda          # on a GPU: peak CUDA memory, tokens/s, MFU
 
 For each model (``gemma3``: Gemma 3 4B's shape; ``qwen2_5_vl``: Qwen2.5-VL 3B's), a random model
-of that shape is built once in bfloat16 (the weights are created in bf16, never as an fp32 copy)
-and cached, keyed on its sizes; its tokenizer, processor and chat template are the tiny twin's
+of that shape is built once in bfloat16 (the weights are created in bf16, never as an fp32 copy;
+with ``--device cuda`` they are drawn on the GPU, seconds instead of minutes) and cached, keyed on
+its sizes; its tokenizer, processor and chat template are the tiny twin's
 (the hub template verbatim), the vocabulary grown to the real size. Then, each step a fresh
 process, timed and its resident memory sampled:
 
@@ -22,12 +23,17 @@ process, timed and its resident memory sampled:
   compared with the run's own ``final_model``);
 - generate: ``automodel generate`` of 8 tokens from the merged folder.
 
-Each phase reports its peak resident memory (the child's ``ru_maxrss``, exact) and, on a GPU,
-its peak CUDA memory (``torch.cuda.max_memory_allocated``); the training phase is split at the
-lines it prints (setup, each step, the final saves) with the resident memory sampled every
-0.2 s. The weight bytes are the bf16 model's safetensors. The last line reads
-``real_shape: peak_gb=... weights_gb=... ratio=...`` for the model and phase with the highest
-peak / weights ratio (on a GPU, peak CUDA memory of training); GB here are 2**30 bytes.
+Each phase reports its wall time, its peak resident memory (the child's ``ru_maxrss``, exact)
+and, on a GPU, its peak CUDA memory (``torch.cuda.max_memory_allocated``); the training phase is
+split at the lines it prints (setup, each step, the final saves) with the resident memory sampled
+every 0.2 s. Each step reports its seconds, tokens/s (as the run logs it) and MFU: the step's
+model FLOPs (``benchmarks/shapes.py``: ``lora_train_flops`` for the decoder, the frozen tower's
+forward per image, from the samples' token counts through the training collate) per second over
+the device's dense bf16 peak (``PEAK_TFLOPS`` or ``--peak-tflops``). The weight bytes are the
+bf16 model's safetensors. One line per model reads ``real_shape: model=... step_s=...
+tokens_per_s=... mfu=... cuda_peak_gb=...`` (medians of the steps after the first); the last
+line reads ``real_shape: peak_gb=... weights_gb=... ratio=...`` for the model and phase with the
+highest peak / weights ratio (on a GPU, peak CUDA memory of training); GB here are 2**30 bytes.
 
 On a CPU without bf16 instructions (AVX2 only), bf16 matrix products run several times slower
 than fp32 ones, and a real-shape step takes hours: see docs/performance.md, "Real shape on a CPU".
@@ -43,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -51,9 +58,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.shapes import GEMMA3_4B
+from benchmarks.shapes import (
+    GEMMA3_4B,
+    lora_train_flops,
+    peak_tflops,
+    qwen_tower_flops,
+    sizes_from_config,
+    tower_flops,
+)
 
 GIB = 2**30
+LORA_RANK = 16
 
 # Qwen2.5-VL 3B (Qwen/Qwen2.5-VL-3B-Instruct). Text sizes and tied embeddings from its
 # config.json (revision b318d0972a0bfe62f64d49e1fe95e4fd39292261, as recorded in the copy at
@@ -115,12 +130,13 @@ WORDS = [
 PROMPT = "Read the receipt."
 
 # Runs the CLI in the child (as ``python -m automodel``) and, when CUDA was used, prints the
-# process's peak CUDA memory as it exits.
+# device's name and the process's peak CUDA memory as it exits.
 CHILD = """
 import atexit, runpy, sys
 def _cuda_peak():
     import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        print(f"real_shape: cuda_device={torch.cuda.get_device_name()}", flush=True)
         print(f"real_shape: cuda_peak_bytes={torch.cuda.max_memory_allocated()}", flush=True)
 atexit.register(_cuda_peak)
 sys.argv = ["automodel", *sys.argv[1:]]
@@ -143,15 +159,19 @@ def model_sizes(name: str, smoke: bool, layers: int | None) -> dict:
     return sizes
 
 
-def build_model(name: str, sizes: dict, cache: Path, out: Path, env: dict) -> tuple[Path, dict]:
-    """The bf16 model folder of ``sizes`` (built by a child process unless cached) and the
-    build's phase record (None when it was cached)."""
-    key = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:10]
+def build_model(
+    name: str, sizes: dict, cache: Path, out: Path, env: dict, device: str
+) -> tuple[Path, dict]:
+    """The bf16 model folder of ``sizes``, its weights drawn on ``device`` (built by a child
+    process unless cached), and the build's phase record."""
+    # A GPU's generator draws other bytes than the CPU's: another folder.
+    keyed = sizes if device == "cpu" else {**sizes, "drawn_on": device}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache / f"{name}-{key}"
     call = (
         "import json, sys; from automodel.twins import make_tiny; "
         f"make_tiny({MODELS[name].family!r}, sys.argv[1], seed=0, reuse=True, "
-        "dtype='bfloat16', **json.loads(sys.argv[2]))"
+        f"dtype='bfloat16', device={device!r}, **json.loads(sys.argv[2]))"
     )
     argv = [sys.executable, "-c", call, str(folder), json.dumps(sizes)]
     record = run_phase("build", argv, out / "build.log", env)
@@ -207,6 +227,44 @@ def make_data(out: Path, n: int, image: tuple[int, int], model_dir: Path, seed: 
     return {"path": out / "train.jsonl", "answer_tokens": counts}
 
 
+def sample_flops(model_dir: Path, data: Path) -> dict:
+    """Tokens and model FLOPs per sample of a LoRA step on ``data``, counted through the
+    training collate (as in ``write_config``: one sample at a time, ``max_length`` 2048).
+
+    Returns:
+        ``tokens``, ``label_tokens`` and ``image_tokens`` (means per sample) and
+        ``flops_per_token`` (all samples' FLOPs over all their tokens).
+    """
+    from automodel.common import IGNORE_INDEX
+    from automodel.datasets.collate import default_collate_fn
+    from automodel.datasets.vlm import make_conversation_dataset
+    from automodel.models.auto import load_processor
+
+    sizes = sizes_from_config(json.loads((model_dir / "config.json").read_text()))
+    processor = load_processor(str(model_dir))
+    image_id = processor.tokenizer.image_token_id
+    dataset = make_conversation_dataset(str(data))
+    counts, flops = [], 0
+    for i in range(len(dataset)):
+        batch = default_collate_fn([dataset[i]], processor=processor, max_length=2048)
+        tokens = int(batch["attention_mask"].sum())
+        labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        images = int((batch["input_ids"] == image_id).sum())
+        if "image_size" in sizes:  # a SigLIP tower: a fixed patch grid per image
+            tower = tower_flops(sizes)
+        else:  # Qwen2.5-VL: each image token merges a square of patches
+            tower = qwen_tower_flops(sizes, images * sizes["spatial_merge_size"] ** 2)
+        flops += lora_train_flops(sizes, tokens, labels, LORA_RANK) + tower
+        counts.append((tokens, labels, images))
+    tokens, labels, images = (sum(c) / len(counts) for c in zip(*counts))
+    return {
+        "tokens": tokens,
+        "label_tokens": labels,
+        "image_tokens": images,
+        "flops_per_token": flops / sum(c[0] for c in counts),
+    }
+
+
 def write_config(path: Path, name: str, model_dir: Path, data: Path, run_dir: Path, steps: int):
     """The fine-tuning config: the model's example ``*_cord_v2_peft.yaml`` on the generated
     data, for ``steps`` steps of 2 samples with a checkpoint at ``steps - 1``."""
@@ -220,7 +278,12 @@ def write_config(path: Path, name: str, model_dir: Path, data: Path, run_dir: Pa
             "torch_dtype": "bfloat16",
             "attn_implementation": MODELS[name].attention,
         },
-        "peft": {"_target_": "automodel.peft.LoraConfig", "r": 16, "alpha": 32, "dropout": 0.0},
+        "peft": {
+            "_target_": "automodel.peft.LoraConfig",
+            "r": LORA_RANK,
+            "alpha": 2 * LORA_RANK,
+            "dropout": 0.0,
+        },
         "dataset": {
             "_target_": "automodel.datasets.vlm.make_conversation_dataset",
             "path_or_dataset": str(data),
@@ -314,10 +377,12 @@ def run_phase(name: str, argv: list[str], log: Path, env: dict) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{name} failed (exit {proc.returncode}); its output: {log}")
     cuda = [t for _, t in lines if t.startswith("real_shape: cuda_peak_bytes=")]
+    names = [t for _, t in lines if t.startswith("real_shape: cuda_device=")]
     return {
         "seconds": seconds,
         "peak_rss": usage.ru_maxrss * 1024,
         "cuda_peak": int(cuda[-1].split("=")[1]) if cuda else None,
+        "cuda_device": names[-1].split("=", 1)[1] if names else None,
         "lines": lines,
         "samples": samples,
     }
@@ -395,7 +460,7 @@ def bench_model(name: str, ns: argparse.Namespace, env: dict) -> dict:
     out.mkdir(parents=True)
     sizes = model_sizes(name, ns.smoke, ns.layers)
     print(f"== {name}: {json.dumps(sizes)}", flush=True)
-    model_dir, build = build_model(name, sizes, ns.cache, out, env)
+    model_dir, build = build_model(name, sizes, ns.cache, out, env, ns.device)
     weights = safetensors_bytes(model_dir)
     result = {"model": name, "sizes": sizes, "weights": weights, "phases": {"build": build}}
     print(
@@ -404,6 +469,7 @@ def bench_model(name: str, ns: argparse.Namespace, env: dict) -> dict:
 
     data = make_data(out / "data", 2 * ns.steps, MODELS[name].image, model_dir)
     result["answer_tokens"] = data["answer_tokens"]
+    result["per_sample"] = sample_flops(model_dir, data["path"])
     train_dir, resume_dir = out / "train", out / "resume"
     config = write_config(out / "config.yaml", name, model_dir, data["path"], train_dir, ns.steps)
     resume_config = write_config(
@@ -415,6 +481,9 @@ def bench_model(name: str, ns: argparse.Namespace, env: dict) -> dict:
     result["train_log"] = training_log(train_dir)
     result["account"] = train_account(train)
     result["step_seconds"] = step_seconds(train)
+    result["device_name"] = train["cuda_device"] or "cpu"
+    result["peak_tflops"] = ns.peak_tflops or peak_tflops(result["device_name"])
+    print(steady(result), flush=True)  # the training figures, even if a later phase fails
 
     if ns.steps >= 2 and not ns.no_resume:
         step_dir = f"step_{ns.steps - 1:06d}"
@@ -481,11 +550,17 @@ def report(result: dict, device: str) -> list[tuple[float, float, str]]:
         print(line)
         if phase != "build":  # the benchmark's own model building is not a user's run
             rows.append((peak, peak / weights, phase))
-    steps = ", ".join(f"{s:.1f}" for s in result["step_seconds"])
-    print(f"  step seconds (from setup's end; the first includes warm-up): {steps}")
-    for r in result["train_log"]:
+    per, peak_tflops = result["per_sample"], result["peak_tflops"]
+    print(
+        f"  per sample: {per['tokens']:.0f} tokens ({per['label_tokens']:.0f} labelled, "
+        f"{per['image_tokens']:.0f} image tokens), {per['flops_per_token'] / 1e9:.2f} GFLOP per "
+        f"token; peak {peak_tflops or 'unknown'} TFLOP/s ({result['device_name']})"
+    )
+    print("  steps (seconds from the log lines, the first from setup's end with warm-up):")
+    for seconds, r in zip(result["step_seconds"], result["train_log"]):
         print(
-            f"  step {r['step']}: loss {r['loss']:.6f}, {r['tokens_per_s']:.1f} tokens/s, "
+            f"    step {r['step']}: {seconds:.2f} s, loss {r['loss']:.6f}, "
+            f"{r['tokens_per_s']:.1f} tokens/s, MFU {percent(mfu(r, result))}, "
             f"logged peak {r['peak_memory_gb']:.2f} GiB"
         )
     print(f"  answer tokens per sample: {result['answer_tokens']}")
@@ -510,6 +585,33 @@ def report(result: dict, device: str) -> list[tuple[float, float, str]]:
     return rows
 
 
+def mfu(step: dict, result: dict) -> float | None:
+    """A logged step's model FLOPs utilisation (None without a known peak)."""
+    if not result["peak_tflops"]:
+        return None
+    flops = step["tokens_per_s"] * result["per_sample"]["flops_per_token"]
+    return flops / (result["peak_tflops"] * 1e12)
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def steady(result: dict) -> str:
+    """The model's key figures, medians of the steps after the first (its warm-up), as one line."""
+    log, seconds = result["train_log"], result["step_seconds"]
+    log, seconds = (log[1:], seconds[1:]) if len(log) > 1 else (log, seconds)
+    step = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in log)} if log else None
+    cuda = result["phases"]["train"]["cuda_peak"]
+    return (
+        f"real_shape: model={result['model']} "
+        f"step_s={statistics.median(seconds) if seconds else float('nan'):.2f} "
+        f"tokens_per_s={step['tokens_per_s'] if step else float('nan'):.1f} "
+        f"mfu={percent(mfu(step, result) if step else None)} "
+        f"cuda_peak_gb={'n/a' if cuda is None else f'{cuda / GIB:.2f}'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
@@ -520,6 +622,7 @@ def main() -> None:
     parser.add_argument("--no-resume", action="store_true", help="skip the resume check")
     parser.add_argument("--keep", action="store_true", help="keep final_model and merged")
     parser.add_argument("--out", type=Path, default=Path("/tmp/real_shape"))
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
     cache = Path(os.environ.get("AUTOMODEL_CACHE", ROOT / ".cache" / "automodel"))
     parser.add_argument("--cache", type=Path, default=cache / "real_shape")
     ns = parser.parse_args()
@@ -531,10 +634,13 @@ def main() -> None:
     if ns.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     names = list(MODELS) if ns.model == "all" else [ns.model]
-    rows = []
+    rows, lines = [], []
     for name in names:  # one at a time: two real-shape models do not fit a 24 GB machine
         result = bench_model(name, ns, env)
         rows += [(*row, result) for row in report(result, ns.device)]
+        lines.append(steady(result))
+    print()
+    print("\n".join(lines))
     peak, ratio, phase, result = max(rows, key=lambda row: row[1])
     print(
         f"real_shape: peak_gb={peak / GIB:.2f} weights_gb={result['weights'] / GIB:.2f} "

@@ -1,8 +1,9 @@
-"""Model shapes the benchmarks build, and the FLOPs of their matrix products.
+"""Model shapes the benchmarks build, the FLOPs of their matrix products, and devices' peaks.
 
 One place for Gemma 3 4B's shape (``real_shape.py`` builds it, ``vs_trl.py --gpu`` trains it,
 ``scripts/gpu_check.sh`` runs both) and for the headline twin of ``vs_trl.py``, which is Gemma 3 4B
-scaled down.
+scaled down. MFU (model FLOPs utilisation) is the FLOPs a step needs (``lora_train_flops`` plus
+the tower's forward) per second over the device's ``PEAK_TFLOPS``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,34 @@ HEADLINE_TWIN = {
 }
 HEADLINE_VOCAB = 262_144
 
+# Dense bf16 peak TFLOP/s by a part of the device's name (the vendors' data sheets, without
+# sparsity); an unknown device gets no MFU unless its peak is given.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device named ``device_name`` (e.g. ``NVIDIA H200``), if known."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def sizes_from_config(config: dict) -> dict:
+    """The sizes these functions read, from a saved Gemma 3 or Qwen2.5-VL ``config.json``."""
+    text, vision = config["text_config"], config["vision_config"]
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    sizes = {k: text[k] for k in (*keys, "num_key_value_heads", "vocab_size")}
+    if text.get("head_dim"):
+        sizes["head_dim"] = text["head_dim"]
+    sizes["vision_hidden_size"] = vision["hidden_size"]
+    sizes["vision_intermediate_size"] = vision["intermediate_size"]
+    sizes["vision_num_hidden_layers"] = vision.get("num_hidden_layers", vision.get("depth"))
+    sizes["patch_size"] = vision["patch_size"]
+    for key in ("image_size", "spatial_merge_size", "temporal_patch_size"):
+        if key in vision:
+            sizes[key] = vision[key]
+    if "mm_tokens_per_image" in config:
+        sizes["mm_tokens_per_image"] = config["mm_tokens_per_image"]
+    return sizes
+
 
 def tower_flops(sizes: dict) -> int:
     """Forward FLOPs of the SigLIP tower on one image: patch embedding, linear layers and
@@ -69,12 +98,32 @@ def tower_flops(sizes: dict) -> int:
     return sizes["vision_num_hidden_layers"] * per_layer + embed
 
 
+def qwen_tower_flops(sizes: dict, patches: int) -> int:
+    """Forward FLOPs of the Qwen2.5-VL tower on one image of ``patches`` patches, an estimate
+    from its linear layers only: the patch embedding (over ``temporal_patch_size`` frames), each
+    block's qkv, output and gated MLP projections, and the merger's two layers over each
+    ``spatial_merge_size``-square group. Attention scores and mixing are left out: most blocks
+    attend within 112 px windows and a few over the whole image (at 1024x768, about 7% more)."""
+    h, inner = sizes["vision_hidden_size"], sizes["vision_intermediate_size"]
+    frames, merge = sizes.get("temporal_patch_size", 2), sizes.get("spatial_merge_size", 2)
+    per_layer = 2 * patches * (4 * h * h + 3 * h * inner)
+    embed = 2 * patches * 3 * frames * sizes["patch_size"] ** 2 * h
+    wide = merge * merge * h
+    merger = 2 * (patches // (merge * merge)) * (wide * wide + wide * sizes["hidden_size"])
+    return sizes["vision_num_hidden_layers"] * per_layer + embed + merger
+
+
+def head_dim(sizes: dict) -> int:
+    """The attention heads' width (Qwen2.5-VL's config has none: the hidden size over heads)."""
+    return sizes.get("head_dim") or sizes["hidden_size"] // sizes["num_attention_heads"]
+
+
 def decoder_flops(sizes: dict, tokens: int, vocab_size: int | None = None) -> dict:
     """Forward FLOPs of the decoder over ``tokens`` tokens, split into its linear layers,
     attention (full, causal masking not discounted) and the output projection."""
     h, inner = sizes["hidden_size"], sizes["intermediate_size"]
-    q = sizes["num_attention_heads"] * sizes["head_dim"]
-    kv = sizes["num_key_value_heads"] * sizes["head_dim"]
+    q = sizes["num_attention_heads"] * head_dim(sizes)
+    kv = sizes["num_key_value_heads"] * head_dim(sizes)
     layers = sizes["num_hidden_layers"]
     vocab = vocab_size or sizes["vocab_size"]
     return {
@@ -88,3 +137,26 @@ def tower_to_decoder(sizes: dict, vocab_size: int | None = None) -> float:
     """The tower's forward FLOPs on one image over the decoder's on that image's tokens."""
     decoder = decoder_flops(sizes, sizes["mm_tokens_per_image"], vocab_size)
     return tower_flops(sizes) / sum(decoder.values())
+
+
+def lora_train_flops(
+    sizes: dict, tokens: int, label_tokens: int, rank: int, vocab_size: int | None = None
+) -> int:
+    """FLOPs of the decoder's part of one LoRA training step on a sample of ``tokens`` tokens,
+    ``rank`` adapters on every linear layer of its blocks, recomputation not counted:
+
+    - each frozen weight: 4 per token (forward and input gradient; no weight gradient);
+    - the output projection: the same, at the ``label_tokens`` positions only (the chunked loss
+      projects only where a label is);
+    - attention scores and mixing: 3 times their forward (gradients for both operands);
+    - each adapter weight: 6 per token (forward, input and weight gradients).
+    """
+    forward = decoder_flops(sizes, tokens, vocab_size)
+    output = forward["output"] * label_tokens // tokens
+    h, inner = sizes["hidden_size"], sizes["intermediate_size"]
+    q = sizes["num_attention_heads"] * head_dim(sizes)
+    kv = sizes["num_key_value_heads"] * head_dim(sizes)
+    # q, k, v, o, gate, up, down: rank x (inputs + outputs) each.
+    adapters = rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inner))
+    lora = 6 * tokens * sizes["num_hidden_layers"] * adapters
+    return 2 * (forward["linear"] + output) + 3 * forward["attention"] + lora

@@ -66,7 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.shapes import GEMMA3_4B, HEADLINE_TWIN, HEADLINE_VOCAB
+from benchmarks.shapes import GEMMA3_4B, HEADLINE_TWIN, HEADLINE_VOCAB, PEAK_TFLOPS
 
 # ~22M parameters with the small vocabulary (a); the same model with 262k tokens is (b).
 SIZES = {
@@ -101,8 +101,6 @@ GPU_SIZES = {
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 # The language model's linear layers (what automodel's default LoRA targets), for TRL's PEFT.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# Dense bf16 peak FLOP/s by device name (an unknown device needs --peak-tflops).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 # Vocabulary of each configuration: the earlier twin (a, b) and the headline twin (lora, full).
 CONFIGS = {"a": 2048, "b": 262144, "lora": HEADLINE_VOCAB, "full": HEADLINE_VOCAB}
 HEADLINE = ("lora", "full")

@@ -229,6 +229,20 @@ def test_bfloat16_twin_is_built_and_saved_in_bfloat16(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.gpu
+def test_twin_drawn_on_a_gpu_is_seeded_and_recorded(tmp_path):
+    # real_shape.py --device cuda draws a 4B model's weights on the GPU: seconds, not minutes.
+    cuda_before = torch.cuda.get_rng_state()
+    first = make_tiny("gemma3", tmp_path / "first", device="cuda")
+    again = make_tiny("gemma3", tmp_path / "again", device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_before)
+    drawn = (first / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == drawn
+    # The device is part of the build record: the CPU's draw replaces the GPU's.
+    make_tiny("gemma3", tmp_path / "first", reuse=True)
+    assert (first / "model.safetensors").read_bytes() != drawn
+
+
 def test_qwen2_5_vl_twin_ties_embeddings_and_sets_full_attention_blocks(tmp_path):
     path = make_tiny(
         "qwen2_5_vl",

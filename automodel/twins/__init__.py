@@ -29,7 +29,7 @@ from automodel import artifacts
 from automodel.common import parse_dtype
 from automodel.errors import UsageError
 from automodel.twins import gemma3, idefics3, llava, qwen_vl
-from automodel.twins.common import HubTemplate, default_dtype
+from automodel.twins.common import HubTemplate, default_dtype, draw_device
 from automodel.twins.gemma3 import build_gemma3
 from automodel.twins.gemma4 import CHAT_TEMPLATE as GEMMA4_TEMPLATE
 from automodel.twins.gemma4 import build_gemma4
@@ -93,6 +93,7 @@ def make_tiny(
     seed: int = 0,
     reuse: bool = False,
     dtype: str = "float32",
+    device: str = "cpu",
     **overrides: Any,
 ) -> Path:
     """Write a tiny, randomly initialised twin of a real VLM family as a Hugging Face folder.
@@ -106,6 +107,8 @@ def make_tiny(
             family, seed, dtype and overrides.
         dtype: The weights' dtype (``float32``, ``bfloat16``, ``float16``); the weights are
             created in it, never as a float32 copy first.
+        device: Where the weights are drawn: ``cpu`` (the same bytes on any machine) or a CUDA
+            device (a 4B model in seconds rather than minutes; bytes from the GPU's generator).
         **overrides: Size settings replacing the family's defaults (e.g. ``hidden_size=128``,
             ``num_hidden_layers=2``, ``image_size=64``, ``vocab_size=1024``).
 
@@ -120,10 +123,12 @@ def make_tiny(
     params = {"family": family, "seed": seed, "code": artifacts.code_version(__name__), **overrides}
     if torch_dtype != torch.float32:  # recorded only when it is not the default
         params["dtype"] = str(torch_dtype).removeprefix("torch.")
+    if torch.device(device).type != "cpu":  # recorded only when it is not the default
+        params["device"] = torch.device(device).type
     if reuse and artifacts.is_built(out, "tiny-model", params):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with default_dtype(torch_dtype):
+    with default_dtype(torch_dtype), draw_device(device):
         TWIN_FAMILIES[family](out, seed, **overrides)
     artifacts.mark_built(out, "tiny-model", params)
     return out
