@@ -765,6 +765,9 @@ def setting(args: argparse.Namespace) -> tuple[list[str], dict, str, tuple[int, 
         configs = ["a"]
     unknown = [c for c in configs if c not in CONFIGS]
     headline = [c for c in configs if c in HEADLINE]
+    if headline and args.image_tokens:
+        sys.stderr.write("error: --image-tokens: the headline twin has 256; it applies to a, b\n")
+        sys.exit(2)
     if unknown or not configs or (headline and len(headline) != len(configs)):
         sys.stderr.write(
             f"error: --configs {args.configs}: choose among lora,full (the headline twin) or "

@@ -236,6 +236,7 @@ def test_a_process_exits_with_its_loader_iterator_alive(tmp_path):
         check=False,
     )
     assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-2000:]
+    assert "Error" not in result.stderr, result.stderr[-2000:]  # no worker reported as killed
 
 
 def test_a_second_ctrl_c_does_not_wait():

@@ -134,6 +134,9 @@ def _end_workers_at_exit() -> None:
 
 
 def _kill_daemonic_children() -> None:
+    # torch's SIGCHLD handler would report each killed worker as a failure.
+    if _main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
