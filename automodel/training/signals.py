@@ -16,6 +16,7 @@ import contextlib
 import multiprocessing
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Self
 
@@ -103,40 +104,48 @@ def workers_starting() -> Iterator[None]:
     """Blocks SIGTERM and SIGINT in the main thread while loader workers start.
 
     Workers inherit the mask and unblock once they ignore both (``IgnoreStopSignals``); in the
-    main process a signal received meanwhile stays pending and is handled on exit.
+    main process a signal received meanwhile stays pending and is handled on exit. The workers
+    started inside are killed at the process's exit if still running (``_kill_workers``).
     """
-    _end_workers_at_exit()
-    if not _main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    before = set(multiprocessing.active_children())
     try:
-        yield
+        if not _main_thread():
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _track_workers(set(multiprocessing.active_children()) - before)
 
 
+# Loader workers started by ``workers_starting``, and whether the exit hook is registered.
+_workers: weakref.WeakSet = weakref.WeakSet()
 _exit_hook_registered = False
 
 
-def _end_workers_at_exit() -> None:
-    """Registers, once, an exit hook that kills the process's daemonic children.
+def _track_workers(started: set) -> None:
+    """Remembers ``started`` and registers, once, the exit hook that kills them.
 
-    At exit, ``multiprocessing`` ends the daemonic processes a DataLoader iterator still alive
-    (held in a reference cycle, or a global) left running with SIGTERM, then waits for them:
-    workers that ignore SIGTERM would keep the process from ever exiting. Registered after
-    ``multiprocessing``'s own hook, this one runs first (``atexit`` runs last-in first-out).
+    At exit, ``multiprocessing`` ends the daemonic processes that a DataLoader iterator still
+    alive (in a reference cycle, or a global) left running with SIGTERM, then waits for them:
+    workers that ignore SIGTERM would keep the process from ever exiting. Registered once
+    workers exist, so after ``multiprocessing``'s own hook, this one runs first (``atexit``
+    runs last-in first-out).
     """
     global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_kill_daemonic_children)
+    if started and not _exit_hook_registered:
+        atexit.register(_kill_workers)
         _exit_hook_registered = True
+    _workers.update(started)
 
 
-def _kill_daemonic_children() -> None:
-    # torch's SIGCHLD handler would report each killed worker as a failure.
-    if _main_thread():
+def _kill_workers() -> None:
+    alive = [worker for worker in _workers if worker.is_alive()]
+    if alive and _main_thread():
+        # torch's SIGCHLD handler would report each killed worker as a failure.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    for worker in alive:
+        worker.kill()
