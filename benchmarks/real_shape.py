@@ -27,7 +27,7 @@ Each phase reports its wall time, its peak resident memory (the child's ``ru_max
 and, on a GPU, its peak CUDA memory (``torch.cuda.max_memory_allocated``); the training phase is
 split at the lines it prints (setup, each step, the final saves) with the resident memory sampled
 every 0.2 s. Each step reports its seconds, tokens/s (as the run logs it) and MFU: the step's
-model FLOPs (``benchmarks/shapes.py``: ``lora_train_flops`` for the decoder, the frozen tower's
+model FLOPs (``benchmarks/shapes.py``: ``train_flops`` for the decoder, the frozen tower's
 forward per image, from the samples' token counts through the training collate) per second over
 the device's dense bf16 peak (``PEAK_TFLOPS`` or ``--peak-tflops``). The weight bytes are the
 bf16 model's safetensors. One line per model reads ``real_shape: model=... step_s=...
@@ -60,11 +60,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.shapes import (
     GEMMA3_4B,
-    lora_train_flops,
     peak_tflops,
     qwen_tower_flops,
     sizes_from_config,
     tower_flops,
+    train_flops,
 )
 
 GIB = 2**30
@@ -254,7 +254,7 @@ def sample_flops(model_dir: Path, data: Path) -> dict:
             tower = tower_flops(sizes)
         else:  # Qwen2.5-VL: each image token merges a square of patches
             tower = qwen_tower_flops(sizes, images * sizes["spatial_merge_size"] ** 2)
-        flops += lora_train_flops(sizes, tokens, labels, LORA_RANK) + tower
+        flops += train_flops(sizes, tokens, labels, LORA_RANK) + tower
         counts.append((tokens, labels, images))
     tokens, labels, images = (sum(c) / len(counts) for c in zip(*counts))
     return {

@@ -2,7 +2,7 @@
 
 One place for Gemma 3 4B's shape (``real_shape.py`` builds it, ``vs_trl.py --gpu`` trains it,
 ``scripts/gpu_check.sh`` runs both) and for the headline twin of ``vs_trl.py``, which is Gemma 3 4B
-scaled down. MFU (model FLOPs utilisation) is the FLOPs a step needs (``lora_train_flops`` plus
+scaled down. MFU (model FLOPs utilisation) is the FLOPs a step needs (``train_flops`` plus
 the tower's forward) per second over the device's ``PEAK_TFLOPS``.
 """
 
@@ -139,24 +139,36 @@ def tower_to_decoder(sizes: dict, vocab_size: int | None = None) -> float:
     return tower_flops(sizes) / sum(decoder.values())
 
 
-def lora_train_flops(
-    sizes: dict, tokens: int, label_tokens: int, rank: int, vocab_size: int | None = None
+def train_flops(
+    sizes: dict,
+    tokens: int,
+    label_tokens: int,
+    lora_rank: int | None,
+    vocab_size: int | None = None,
 ) -> int:
-    """FLOPs of the decoder's part of one LoRA training step on a sample of ``tokens`` tokens,
-    ``rank`` adapters on every linear layer of its blocks, recomputation not counted:
+    """FLOPs of the decoder's part of one training step on a sample of ``tokens`` tokens, with
+    ``lora_rank`` adapters on every linear layer of its blocks, or (``None``) all of it trained;
+    recomputation not counted:
 
-    - each frozen weight: 4 per token (forward and input gradient; no weight gradient);
-    - the output projection: the same, at the ``label_tokens`` positions only (the chunked loss
-      projects only where a label is);
+    - each frozen weight: 4 per token (forward and input gradient), a trained one 6 (and its
+      weight gradient);
+    - the output projection: the same, at the ``label_tokens`` positions only (the logits at
+      other positions are not needed: the chunked loss projects only where a label is);
     - attention scores and mixing: 3 times their forward (gradients for both operands);
-    - each adapter weight: 6 per token (forward, input and weight gradients).
+    - each adapter weight: 6 per token.
+
+    Both sides of ``vs_trl.py`` are measured against these FLOPs (the work a step needs), not
+    against what each side computes.
     """
     forward = decoder_flops(sizes, tokens, vocab_size)
     output = forward["output"] * label_tokens // tokens
+    per_weight = 3 if lora_rank is None else 2  # times the forward's 2 FLOPs per weight
+    flops = per_weight * (forward["linear"] + output) + 3 * forward["attention"]
+    if lora_rank is None:
+        return flops
     h, inner = sizes["hidden_size"], sizes["intermediate_size"]
     q = sizes["num_attention_heads"] * head_dim(sizes)
     kv = sizes["num_key_value_heads"] * head_dim(sizes)
     # q, k, v, o, gate, up, down: rank x (inputs + outputs) each.
-    adapters = rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inner))
-    lora = 6 * tokens * sizes["num_hidden_layers"] * adapters
-    return 2 * (forward["linear"] + output) + 3 * forward["attention"] + lora
+    adapters = lora_rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inner))
+    return flops + 6 * tokens * sizes["num_hidden_layers"] * adapters

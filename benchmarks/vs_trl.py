@@ -44,9 +44,9 @@ line: torch's fallback kernels run them many times slower than fp32 on both side
 
 ``--gpu`` runs configuration (b) on one CUDA device with a randomly initialised model of Gemma 3
 4B's own shape, bf16 weights and autocast, and the same LoRA on both sides. On CUDA memory is
-``torch.cuda.max_memory_allocated``, and MFU counts 4 FLOPs per frozen weight and 6 per
-trainable one for every token (decoder linear layers and the output projection), plus 2 per
-vision-tower weight for every image patch, against the device's dense bf16 peak.
+``torch.cuda.max_memory_allocated``, and MFU is the FLOPs a sample's training needs
+(``benchmarks/shapes.py``: ``train_flops`` for the decoder, the tower's forward for its image; the
+same count for both sides) times samples per second, over the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -66,7 +66,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.shapes import GEMMA3_4B, HEADLINE_TWIN, HEADLINE_VOCAB, PEAK_TFLOPS
+from benchmarks.shapes import (
+    GEMMA3_4B,
+    HEADLINE_TWIN,
+    HEADLINE_VOCAB,
+    peak_tflops,
+    tower_flops,
+    train_flops,
+)
 
 # ~22M parameters with the small vocabulary (a); the same model with 262k tokens is (b).
 SIZES = {
@@ -187,19 +194,21 @@ def make_model(out_dir: Path, vocab_size: int, sizes: dict) -> Path:
     return out_dir
 
 
-def tokens_per_sample(model_dir: Path, data: Path) -> float:
-    """Mean non-padding tokens per sample (the same for both sides: same template and data)."""
+def sample_counts(model_dir: Path, data: Path) -> tuple[float, float]:
+    """Mean tokens and label tokens per sample (the same for both sides: same template, data
+    and labels)."""
     from automodel.datasets.collate import default_collate_fn
     from automodel.datasets.vlm import make_conversation_dataset
     from automodel.models.auto import load_processor
 
     processor = load_processor(str(model_dir))
     dataset = make_conversation_dataset(str(data))
-    counts = [
-        int(default_collate_fn([dataset[i]], processor=processor)["attention_mask"].sum())
-        for i in range(len(dataset))
-    ]
-    return sum(counts) / len(counts)
+    tokens = labels = 0
+    for i in range(len(dataset)):
+        batch = default_collate_fn([dataset[i]], processor=processor)
+        tokens += int(batch["attention_mask"].sum())
+        labels += int((batch["labels"] != -100).sum())
+    return tokens / len(dataset), labels / len(dataset)
 
 
 # ------------------------------------------------------------------------------ the profile
@@ -371,7 +380,7 @@ def run_automodel(args: argparse.Namespace, levers: list[str]) -> dict:
         "pipeline_samples_per_s": pipeline_rate(recipe.train_loader),
         "recompute": recomputes(recipe.model),
         "optimizer": optimizer_kind(recipe.optimizer),
-        **model_flops(recipe.model),
+        "trainable": sum(p.numel() for p in recipe.model.parameters() if p.requires_grad),
     }
 
 
@@ -401,28 +410,6 @@ def pipeline_rate(loader, epochs: int = 2) -> float:
             elif batch is not None:
                 samples += len(batch["input_ids"])
     return samples / (time.perf_counter() - start)
-
-
-def model_flops(model) -> dict:
-    """FLOPs of one training step's matrix products, per token and per image (see --gpu)."""
-    import torch
-
-    per_token = per_image = 0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lora_" in name:
-            continue
-        weights = module.weight.numel()
-        if "vision_tower" in name:
-            per_image += 2 * weights
-        elif "multi_modal_projector" not in name:
-            per_token += 4 * weights  # forward and input gradient (lm_head included)
-    per_token += 6 * trainable
-    config = getattr(model, "config", None)
-    vision = getattr(config, "vision_config", None)
-    if vision is not None:
-        per_image *= (vision.image_size // vision.patch_size) ** 2
-    return {"flops_per_token": per_token, "flops_per_image": per_image, "trainable": trainable}
 
 
 def last_logged_loss(out_dir: Path) -> float | None:
@@ -676,23 +663,24 @@ def paired_ratios(runs: dict) -> dict:
     }
 
 
-def mfu(row: dict, flops: dict, tokens_per: float, peak_tflops: float) -> float:
-    """Model FLOPs utilisation of a summarized row (one image per sample)."""
-    per_sample = tokens_per * flops["flops_per_token"] + flops["flops_per_image"]
-    return row["samples_per_s"] * per_sample / (peak_tflops * 1e12)
+def sample_flops(sizes: dict, vocab: int, counts: tuple[float, float], lora: bool) -> float:
+    """The model FLOPs one sample's training needs (``benchmarks/shapes.py``: ``train_flops``
+    for the decoder, the tower's forward for its image), the same for both sides."""
+    tokens, labels = (round(c) for c in counts)
+    rank = LORA["r"] if lora else None
+    return train_flops(sizes, tokens, labels, rank, vocab) + tower_flops(sizes)
 
 
-def print_mfu(args, rows: dict, config: str, runs: dict, tokens_per: float) -> None:
-    ours = runs["automodel"][0]
-    name = ours["device_name"]
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+def print_mfu(args, rows: dict, config: str, runs: dict, per_sample: float) -> None:
+    name = runs["automodel"][0]["device_name"]
+    peak = args.peak_tflops or peak_tflops(name)
     trainable = {side: side_runs[0]["trainable"] for side, side_runs in runs.items()}
     print(f"device {name}; trainable parameters {trainable}", flush=True)
     if peak is None:
         print("MFU: unknown peak for this device; pass --peak-tflops", flush=True)
         return
     for side in runs:
-        value = mfu(rows[(config, side)], ours, tokens_per, peak)
+        value = rows[(config, side)]["samples_per_s"] * per_sample / (peak * 1e12)
         rows[(config, side)]["mfu"] = value
         print(f"MFU {side}: {100 * value:.1f}% of {peak:.0f} TFLOP/s", flush=True)
 
@@ -885,7 +873,8 @@ def main() -> None:
     rows, label_check, paired = {}, None, {}
     for config in configs:
         model = make_model(work / f"{twin}_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
-        per = tokens_per_sample(model, args.data)
+        counts = sample_counts(model, args.data)
+        per = counts[0]
         lora = config == "lora" or args.gpu
         runs = {"automodel": [], "TRL": []}
         for _ in range(args.rounds):
@@ -899,7 +888,8 @@ def main() -> None:
         paired[config] = paired_ratios(runs)
         print_profile(config, runs, args.steps)
         if args.device == "cuda":
-            print_mfu(args, rows, config, runs, per)
+            flops = sample_flops(sizes, CONFIGS[config], counts, lora)
+            print_mfu(args, rows, config, runs, flops)
         if config == "b" and not args.no_lever_rows:
             for lever in all_levers:
                 rest = [x for x in all_levers if x != lever]
