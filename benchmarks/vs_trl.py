@@ -514,7 +514,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         report_to=[],
         dataloader_num_workers=args.workers,
         use_cpu=not cuda,
-        bf16=cuda or args.bf16,
+        bf16=args.bf16,
         fp16=False,
         seed=42,
     )
