@@ -593,6 +593,14 @@ def test_benchmark_against_trl_quick_run(tmp_path):
     assert result.stdout.count("'optimizer': 'AdamW+fused'") == 2
     counts = re.search(r"'trl_labels': (\d+), 'automodel_labels': (\d+)", result.stdout)
     assert counts and counts.group(1) == counts.group(2)
+    # The per-phase profile of both sides: each phase measured, and together within the step.
+    for side in ("automodel", "TRL"):
+        row = re.search(rf"^  {side} +((?:-?\d+\.\d+ *){{8}})$", result.stdout, re.MULTILINE)
+        assert row, result.stdout
+        *phases, other, step = (float(x) for x in row.group(1).split())
+        decoder, backward, optimizer = phases[1], phases[3], phases[4]
+        assert min(phases) >= 0 and decoder > 0 and backward > 0 and optimizer > 0
+        assert abs(sum(phases) + other - step) < 0.01 and sum(phases) <= 1.05 * step
     pipeline = re.search(
         r"data pipeline .*: (\d+\.\d) samples/s alone .* data (\d+\.\d)%", result.stdout
     )
