@@ -839,6 +839,45 @@ def print_profile(config: str, runs: dict, steps: int) -> None:
         print(f"  {side:<20}" + "".join(f"{v:>10.3f}" for v in cells), flush=True)
 
 
+def report(rows: dict, paired: dict, configs: list[str], label_check: dict) -> None:
+    """The table of every row, each round's ratios, the targets (headline) and the last line."""
+    print()
+    print(
+        f"{'config':<8}{'side':<28}{'samples/s':>10}{'tokens/s':>10}{'peak GB':>9}{'x TRL':>7}{'mem x TRL':>10}"
+    )
+    for (config, side), row in rows.items():
+        trl = rows[(config, "TRL")]
+        name = f"({config}) V={CONFIGS[config]}"
+        print(
+            f"{name:<16}{side:<20}{row['samples_per_s']:>10.2f}"
+            f"{row['tokens_per_s']:>10.0f}{row['peak_gb']:>9.2f}"
+            f"{row['samples_per_s'] / trl['samples_per_s']:>7.2f}{row['peak_gb'] / trl['peak_gb']:>10.2f}"
+        )
+    for config, ratios in paired.items():
+        shown = {k: [round(x, 2) for x in v] for k, v in ratios.items()}
+        print(f"({config}) automodel / TRL in each round: {shown}")
+    if configs[0] in HEADLINE:
+        for config in configs:
+            speed = statistics.median(paired[config]["speed"])
+            memory = statistics.median(paired[config]["memory"])
+            met = speed >= 2.0 and memory <= 0.5
+            print(
+                f"({config}) speedup={speed:.2f} memory_ratio={memory:.2f}: targets speedup >= 2.0 "
+                f"and memory_ratio <= 0.5 {'met' if met else 'missed'}"
+            )
+        speed_config = memory_config = "lora" if "lora" in configs else configs[0]
+    else:
+        speed_config = "a" if "a" in configs else configs[0]
+        memory_config = "b" if "b" in configs else configs[-1]
+    speedup = statistics.median(paired[speed_config]["speed"])
+    memory_ratio = statistics.median(paired[memory_config]["memory"])
+    print(
+        f"speedup=({speed_config}) memory_ratio=({memory_config}), medians of the rounds' "
+        f"ratios; label tokens {label_check}"
+    )
+    print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}")
+
+
 def main() -> None:
     args = parse_args()
     if args.side:
@@ -911,41 +950,7 @@ def main() -> None:
         )
         print(f"config ({config}) done; first batch label tokens: {label_check}", flush=True)
 
-    print()
-    print(
-        f"{'config':<8}{'side':<28}{'samples/s':>10}{'tokens/s':>10}{'peak GB':>9}{'x TRL':>7}{'mem x TRL':>10}"
-    )
-    for (config, side), row in rows.items():
-        trl = rows[(config, "TRL")]
-        name = f"({config}) V={CONFIGS[config]}"
-        print(
-            f"{name:<16}{side:<20}{row['samples_per_s']:>10.2f}"
-            f"{row['tokens_per_s']:>10.0f}{row['peak_gb']:>9.2f}"
-            f"{row['samples_per_s'] / trl['samples_per_s']:>7.2f}{row['peak_gb'] / trl['peak_gb']:>10.2f}"
-        )
-    for config, ratios in paired.items():
-        shown = {k: [round(x, 2) for x in v] for k, v in ratios.items()}
-        print(f"({config}) automodel / TRL in each round: {shown}")
-    if headline:
-        for config in configs:
-            speed = statistics.median(paired[config]["speed"])
-            memory = statistics.median(paired[config]["memory"])
-            met = speed >= 2.0 and memory <= 0.5
-            print(
-                f"({config}) speedup={speed:.2f} memory_ratio={memory:.2f}: targets speedup >= 2.0 "
-                f"and memory_ratio <= 0.5 {'met' if met else 'missed'}"
-            )
-        speed_config = memory_config = "lora" if "lora" in configs else configs[0]
-    else:
-        speed_config = "a" if "a" in configs else configs[0]
-        memory_config = "b" if "b" in configs else configs[-1]
-    speedup = statistics.median(paired[speed_config]["speed"])
-    memory_ratio = statistics.median(paired[memory_config]["memory"])
-    print(
-        f"speedup=({speed_config}) memory_ratio=({memory_config}), medians of the rounds' "
-        f"ratios; label tokens {label_check}"
-    )
-    print(f"speedup={speedup:.2f} memory_ratio={memory_ratio:.2f}")
+    report(rows, paired, configs, label_check)
 
 
 if __name__ == "__main__":
