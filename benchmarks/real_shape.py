@@ -62,6 +62,7 @@ from benchmarks.shapes import (
     GEMMA3_4B,
     peak_tflops,
     qwen_tower_flops,
+    sample_counts,
     sizes_from_config,
     tower_flops,
     train_flops,
@@ -235,27 +236,14 @@ def sample_flops(model_dir: Path, data: Path) -> dict:
         ``tokens``, ``label_tokens`` and ``image_tokens`` (means per sample) and
         ``flops_per_token`` (all samples' FLOPs over all their tokens).
     """
-    from automodel.common import IGNORE_INDEX
-    from automodel.datasets.collate import default_collate_fn
-    from automodel.datasets.vlm import make_conversation_dataset
-    from automodel.models.auto import load_processor
-
     sizes = sizes_from_config(json.loads((model_dir / "config.json").read_text()))
-    processor = load_processor(str(model_dir))
-    image_id = processor.tokenizer.image_token_id
-    dataset = make_conversation_dataset(str(data))
-    counts, flops = [], 0
-    for i in range(len(dataset)):
-        batch = default_collate_fn([dataset[i]], processor=processor, max_length=2048)
-        tokens = int(batch["attention_mask"].sum())
-        labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        images = int((batch["input_ids"] == image_id).sum())
+    counts, flops = sample_counts(model_dir, data, max_length=2048), 0
+    for tokens, labels, images in counts:
         if "image_size" in sizes:  # a SigLIP tower: a fixed patch grid per image
             tower = tower_flops(sizes)
         else:  # Qwen2.5-VL: each image token merges a square of patches
             tower = qwen_tower_flops(sizes, images * sizes["spatial_merge_size"] ** 2)
         flops += train_flops(sizes, tokens, labels, LORA_RANK) + tower
-        counts.append((tokens, labels, images))
     tokens, labels, images = (sum(c) / len(counts) for c in zip(*counts))
     return {
         "tokens": tokens,

@@ -1,4 +1,5 @@
-"""Model shapes the benchmarks build, the FLOPs of their matrix products, and devices' peaks.
+"""Model shapes the benchmarks build, the FLOPs of their matrix products, devices' peaks, and the
+samples' token counts those FLOPs are counted on.
 
 One place for Gemma 3 4B's shape (``real_shape.py`` builds it, ``vs_trl.py --gpu`` trains it,
 ``scripts/gpu_check.sh`` runs both) and for the headline twin of ``vs_trl.py``, which is Gemma 3 4B
@@ -172,3 +173,27 @@ def train_flops(
     # q, k, v, o, gate, up, down: rank x (inputs + outputs) each.
     adapters = lora_rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inner))
     return flops + 6 * tokens * sizes["num_hidden_layers"] * adapters
+
+
+def sample_counts(model_dir, data, max_length: int | None = None) -> list[tuple[int, int, int]]:
+    """Tokens, label tokens and image tokens of each sample of the JSONL ``data``, through the
+    training collate of the model folder ``model_dir``'s processor, one sample at a time."""
+    from automodel.common import IGNORE_INDEX
+    from automodel.datasets.collate import default_collate_fn
+    from automodel.datasets.vlm import make_conversation_dataset
+    from automodel.models.auto import load_processor
+
+    processor = load_processor(str(model_dir))
+    image_id = processor.tokenizer.image_token_id
+    dataset = make_conversation_dataset(str(data))
+    counts = []
+    for i in range(len(dataset)):
+        batch = default_collate_fn([dataset[i]], processor=processor, max_length=max_length)
+        counts.append(
+            (
+                int(batch["attention_mask"].sum()),
+                int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+                int((batch["input_ids"] == image_id).sum()),
+            )
+        )
+    return counts

@@ -71,6 +71,7 @@ from benchmarks.shapes import (
     HEADLINE_TWIN,
     HEADLINE_VOCAB,
     peak_tflops,
+    sample_counts,
     tower_flops,
     train_flops,
 )
@@ -192,23 +193,6 @@ def make_model(out_dir: Path, vocab_size: int, sizes: dict) -> Path:
 
     make_tiny("gemma3", out_dir, seed=0, reuse=True, vocab_size=vocab_size, **sizes)
     return out_dir
-
-
-def sample_counts(model_dir: Path, data: Path) -> tuple[float, float]:
-    """Mean tokens and label tokens per sample (the same for both sides: same template, data
-    and labels)."""
-    from automodel.datasets.collate import default_collate_fn
-    from automodel.datasets.vlm import make_conversation_dataset
-    from automodel.models.auto import load_processor
-
-    processor = load_processor(str(model_dir))
-    dataset = make_conversation_dataset(str(data))
-    tokens = labels = 0
-    for i in range(len(dataset)):
-        batch = default_collate_fn([dataset[i]], processor=processor)
-        tokens += int(batch["attention_mask"].sum())
-        labels += int((batch["labels"] != -100).sum())
-    return tokens / len(dataset), labels / len(dataset)
 
 
 # ------------------------------------------------------------------------------ the profile
@@ -663,10 +647,10 @@ def paired_ratios(runs: dict) -> dict:
     }
 
 
-def sample_flops(sizes: dict, vocab: int, counts: tuple[float, float], lora: bool) -> float:
+def sample_flops(sizes: dict, vocab: int, counts: list[float], lora: bool) -> float:
     """The model FLOPs one sample's training needs (``benchmarks/shapes.py``: ``train_flops``
     for the decoder, the tower's forward for its image), the same for both sides."""
-    tokens, labels = (round(c) for c in counts)
+    tokens, labels = (round(c) for c in counts[:2])
     rank = LORA["r"] if lora else None
     return train_flops(sizes, tokens, labels, rank, vocab) + tower_flops(sizes)
 
@@ -912,7 +896,7 @@ def main() -> None:
     rows, label_check, paired = {}, None, {}
     for config in configs:
         model = make_model(work / f"{twin}_vocab{CONFIGS[config]}", CONFIGS[config], sizes)
-        counts = sample_counts(model, args.data)
+        counts = [statistics.mean(c) for c in zip(*sample_counts(model, args.data))]
         per = counts[0]
         lora = config == "lora" or args.gpu
         runs = {"automodel": [], "TRL": []}
